@@ -1,0 +1,47 @@
+"""Every environment switch score-zoo reads, in one place (like huggingface_hub's constants)."""
+
+import os
+from pathlib import Path
+
+#: Hugging Face organisation substituted for "{org}" in checkpoints.yaml: a lab mirror sets its own.
+HUB_ORG_ENV = "SCORE_ZOO_HUB_ORG"
+DEFAULT_HUB_ORG = "score-zoo"
+
+#: Where non-Hub downloads (authors' URL, Google Drive) are cached. Hub files use huggingface_hub's
+#: own cache, which follows HF_HOME / HF_HUB_CACHE.
+CACHE_ENV = "SCORE_ZOO_CACHE"
+
+#: Base URLs of the fallback sources; tests point them at loopback servers.
+GDRIVE_URL_ENV = "SCORE_ZOO_GDRIVE_URL"
+DEFAULT_GDRIVE_URL = "https://drive.usercontent.google.com/download"
+
+#: Seconds before a non-Hub HTTP request gives up.
+HTTP_TIMEOUT_ENV = "SCORE_ZOO_HTTP_TIMEOUT"
+
+
+def hub_org() -> str:
+    return os.environ.get(HUB_ORG_ENV) or DEFAULT_HUB_ORG
+
+
+def hf_offline() -> bool:
+    """Mirror huggingface_hub's reading of HF_HUB_OFFLINE, so every source obeys the same switch."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    hf_home = os.environ.get("HF_HOME")
+    if hf_home:
+        return Path(hf_home).expanduser() / "score-zoo"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "score-zoo"
+
+
+def gdrive_url() -> str:
+    return os.environ.get(GDRIVE_URL_ENV) or DEFAULT_GDRIVE_URL
+
+
+def http_timeout() -> float:
+    return float(os.environ.get(HTTP_TIMEOUT_ENV) or 30)

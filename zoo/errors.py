@@ -1,0 +1,50 @@
+"""One error hierarchy: every failure a user can fix is a ZooError carrying the fix.
+
+The CLIs turn a ZooError into its message and exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+
+class ZooError(Exception):
+    """Base class. ``hint`` says what to do about it and is appended to the message."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        self.hint = hint
+        super().__init__(message if not hint else f"{message}\n  fix: {hint}")
+
+
+class UnknownModelError(ZooError, KeyError):
+    """No registry entry (or RobustBench id) has this name."""
+
+    __str__ = Exception.__str__  # KeyError would quote the whole message
+
+
+class UnknownVariantError(ZooError, KeyError):
+    """The model exists, but not for the requested dataset / threat."""
+
+    __str__ = Exception.__str__
+
+
+class RegistryError(ZooError):
+    """checkpoints.yaml does not follow the schema."""
+
+
+class DownloadError(ZooError):
+    """No source could deliver the file (network, missing repo, HTTP error)."""
+
+
+class OfflineError(DownloadError):
+    """Offline mode is on and the file is not cached."""
+
+
+class CorruptCheckpointError(ZooError):
+    """A file is not the checkpoint it should be: wrong hash/size, HTML page, truncated, unsafe pickle."""
+
+
+class ArchitectureMismatchError(ZooError):
+    """A state dict does not fit the architecture: names the missing / unexpected / reshaped keys."""
+
+
+class BadInputError(ZooError, ValueError):
+    """Invalid user input (CLI flags, data files, model outputs) detected before any work is done."""
+
+    __str__ = Exception.__str__

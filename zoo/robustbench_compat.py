@@ -1,0 +1,49 @@
+"""Loading non-SCORE models through RobustBench despite its packaging problems.
+
+robustbench 1.1.1 imports ``pkg_resources`` (gone from setuptools >= 81) and ``from autoattack import
+AutoAttack`` while PyPI's AutoAttack installs as ``pyautoattack``. We alias the module before importing it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+from .errors import ZooError
+
+_THREATS = {"linf": "Linf", "l2": "L2", "corruptions": "corruptions"}
+
+
+def import_robustbench():
+    """Import robustbench, or raise a ZooError saying exactly what to install."""
+    if importlib.util.find_spec("robustbench") is None:
+        raise ZooError("RobustBench is not installed",
+                       hint="pip install 'score-zoo[robustbench]' (adds robustbench and setuptools<81)")
+    if importlib.util.find_spec("pkg_resources") is None:
+        raise ZooError("RobustBench needs pkg_resources, which setuptools >= 81 no longer ships",
+                       hint="pip install 'setuptools<81'")
+    if "autoattack" not in sys.modules and importlib.util.find_spec("autoattack") is None:
+        if importlib.util.find_spec("pyautoattack") is None:
+            raise ZooError("RobustBench imports AutoAttack, which is not installed", hint="pip install pyautoattack")
+        sys.modules["autoattack"] = importlib.import_module("pyautoattack")
+    return importlib.import_module("robustbench")
+
+
+def is_robustbench_name(name: str, dataset: str, threat: str) -> bool:
+    """True when RobustBench is importable and lists ``name`` for this dataset and threat."""
+    try:
+        import_robustbench()
+        from robustbench.model_zoo import model_dicts
+        from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+        return name in model_dicts[BenchmarkDataset(dataset)][ThreatModel(_THREATS.get(threat, threat))]
+    except (ZooError, ValueError, KeyError, ImportError):
+        return False
+
+
+def load(name: str, dataset: str, threat: str, device=None):
+    robustbench = import_robustbench()
+    model = robustbench.utils.load_model(model_name=name, dataset=dataset, threat_model=_THREATS.get(threat, threat))
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
