@@ -45,3 +45,39 @@ def gdrive_url() -> str:
 
 def http_timeout() -> float:
     return float(os.environ.get(HTTP_TIMEOUT_ENV) or 30)
+
+
+#: A registry file used instead of the packaged checkpoints.yaml (a lab's private list, tests).
+REGISTRY_ENV = "SCORE_ZOO_REGISTRY"
+
+
+def registry_override() -> Path | None:
+    explicit = os.environ.get(REGISTRY_ENV)
+    if not explicit:
+        return None
+    path = Path(explicit).expanduser()
+    if not path.is_file():
+        from .errors import RegistryError
+        raise RegistryError(f"${REGISTRY_ENV} points to {path}, which is not a file",
+                            hint=f"fix the path or unset {REGISTRY_ENV} to use the packaged checkpoints.yaml")
+    return path
+
+
+def hf_endpoint() -> str | None:
+    """HF_ENDPOINT read at call time (huggingface_hub reads it once, at import); None = the library's default."""
+    endpoint = os.environ.get("HF_ENDPOINT")
+    return endpoint.rstrip("/") if endpoint else None
+
+
+def hf_hub_cache() -> str | None:
+    """The Hub cache folder from HF_HUB_CACHE / HF_HOME, read at call time like ``hf_endpoint``.
+
+    Same precedence as huggingface_hub; None leaves the choice to the library.
+    """
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return os.path.expandvars(os.path.expanduser(os.environ[var]))
+    hf_home = os.environ.get("HF_HOME")
+    if hf_home:
+        return os.path.join(os.path.expandvars(os.path.expanduser(hf_home)), "hub")
+    return None

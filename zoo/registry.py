@@ -223,7 +223,12 @@ def parse_registry(data: Any) -> dict[str, ModelInfo]:
 
 
 def registry_path() -> Path:
-    """The registry file shipped in the package (a link to the repo-root file in a checkout)."""
+    """The registry file shipped in the package (a link to the repo-root file in a checkout).
+
+    ``$SCORE_ZOO_REGISTRY`` replaces it (a lab's private registry, tests)."""
+    override = constants.registry_override()
+    if override is not None:
+        return override
     return Path(str(resources.files("zoo").joinpath("checkpoints.yaml")))
 
 

@@ -1,0 +1,75 @@
+"""Our WideResNet is RobustBench's DMWideResNet: same state-dict keys and shapes, same logits."""
+
+import pytest
+import torch
+
+import zoo
+from zoo.models import WideResNet, build_model
+
+
+@pytest.fixture(scope="module")
+def dm_module():
+    from zoo.robustbench_compat import import_robustbench
+    import_robustbench()
+    from robustbench.model_zoo.architectures import dm_wide_resnet
+    return dm_wide_resnet
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    """Random weights AND batch-norm statistics, so eval-mode BN is not the identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.dtype.is_floating_point:
+                vals = torch.rand(t.shape, generator=g) + 0.5 if name.endswith("running_var") \
+                    else torch.randn(t.shape, generator=g) * 0.1
+                t.copy_(vals)
+
+
+@pytest.mark.parametrize("depth,width,num_classes,dataset", [(10, 1, 10, "cifar10"), (16, 2, 100, "cifar100"),
+                                                             (28, 10, 10, "cifar10")])
+def test_matches_robustbench_dmwideresnet(dm_module, depth, width, num_classes, dataset):
+    mean = dm_module.CIFAR10_MEAN if dataset == "cifar10" else dm_module.CIFAR100_MEAN
+    std = dm_module.CIFAR10_STD if dataset == "cifar10" else dm_module.CIFAR100_STD
+    theirs = dm_module.DMWideResNet(num_classes=num_classes, depth=depth, width=width,
+                                    activation_fn=dm_module.Swish, mean=mean, std=std).eval()
+    ours = WideResNet(num_classes=num_classes, depth=depth, width=width, activation="silu", mean=mean, std=std).eval()
+
+    ref_state = theirs.state_dict()
+    our_state = ours.state_dict()
+    assert list(our_state) == list(ref_state)
+    assert all(our_state[k].shape == ref_state[k].shape for k in ref_state)
+
+    _randomise(theirs, seed=depth)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(x) - theirs(x)).abs().max().item()
+    assert diff < 1e-5
+
+
+def test_registry_variants_build_with_their_normalisation():
+    model = zoo.info("score-wrn-28-10")
+    net = build_model(model, model.variant("cifar100", "linf"))
+    assert net.logits.out_features == 100 and not net.training
+    assert torch.allclose(net.mean.flatten(), torch.tensor([0.5071, 0.4865, 0.4409]))
+    assert "mean" not in net.state_dict() and "std" not in net.state_dict()  # non-persistent buffers
+    # WRN-28-10 has 36,479,194 parameters with 10 classes; 90 more classes add 90 * (640 + 1)
+    assert sum(p.numel() for p in net.parameters()) == 36_479_194 + 90 * 641
+
+
+def test_input_gradients_flow_and_channels_last_agrees():
+    net = WideResNet(depth=10, width=1).eval()
+    _randomise(net, seed=3)
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    net(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        a = net(x)
+        b = net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert (a - b).abs().max() < 1e-5
+
+
+def test_rejects_impossible_depth():
+    with pytest.raises(ValueError, match="6k\\+4"):
+        WideResNet(depth=12)
