@@ -77,13 +77,14 @@ def test_html_page_is_detected_before_unpickling(tmp_path):
         read_state_dict(page)
 
 
+@pytest.mark.parametrize("fmt", ["authors", "safetensors"])
 @pytest.mark.parametrize("cut", [10, 0.5])
-def test_truncated_files_are_detected(weights, tmp_path, cut):
-    good = _save_all_formats(weights, tmp_path)["authors"]
+def test_truncated_files_are_detected(weights, tmp_path, cut, fmt):
+    good = _save_all_formats(weights, tmp_path)[fmt]
     data = good.read_bytes()
     bad = tmp_path / "cut.pt"
     bad.write_bytes(data[: int(cut if cut > 1 else len(data) * cut)])
-    with pytest.raises(CorruptCheckpointError, match="truncated|damaged"):
+    with pytest.raises(CorruptCheckpointError, match="truncated|damaged|unreadable safetensors"):
         read_state_dict(bad)
 
 

@@ -58,16 +58,23 @@ def sniff_format(path: Path) -> str:
         return "torch-zip"
     if head[0] == _PICKLE_PROTOCOL_MARK:
         return "torch-pickle"
-    (header_len,) = struct.unpack("<Q", head[:8])
-    if head[8:9] == b"{" and 8 + header_len <= size:
-        try:
-            json.loads(open(path, "rb").read(8 + header_len)[8:])
-        except ValueError:
-            pass
-        else:
-            return "safetensors"
+    if head[8:9] == b"{" and _is_safetensors_header(path, size):
+        return "safetensors"
     raise CorruptCheckpointError(f"{path} is not a PyTorch or safetensors checkpoint (unrecognised header)",
                                  hint="delete it and download again, or check the file you passed")
+
+
+def _is_safetensors_header(path: Path, size: int) -> bool:
+    """safetensors = 8-byte little-endian header length, then that many bytes of JSON."""
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        if 8 + header_len > size:
+            return False
+        try:
+            json.loads(fh.read(header_len))
+        except ValueError:
+            return False
+    return True
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
