@@ -1,0 +1,191 @@
+"""RobustBench's formats: the curated ``model_info/<dataset>/<Threat>/<id>.json`` files and the
+new-model submission issue.
+
+We write model_info files byte-for-byte the way RobustBench's curated ones look (key order, strings with
+two decimals, indent 2, trailing newline) so a reproduced result can be dropped into a RobustBench pull
+request unchanged; and we read them back to rank our runs next to published entries.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from zoo.errors import BadInputError
+from zoo.registry import ModelInfo, Source, info, parse_eps
+
+from .record import RunRecord
+
+#: Size of the full test split RobustBench evaluates on; fewer points make a partial run.
+FULL_TEST_SET = {"cifar10": 10000, "cifar100": 10000}
+
+#: RobustBench's spelling of our threat names (its folder names and ThreatModel values).
+ROBUSTBENCH_THREAT = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+
+#: The keys of a curated model_info file, in RobustBench's order.
+MODEL_INFO_KEYS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+                   "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "footnote", "unreliable")
+
+
+def format_eps(value: float, threat: str) -> str:
+    """RobustBench's eps spelling: '8/255' for Linf budgets on the 1/255 grid, else the plain number."""
+    if threat == "linf":
+        steps = Fraction(value).limit_denominator(255)
+        if abs(float(steps) - value) < 1e-9 and (255 % steps.denominator == 0):
+            return f"{steps.numerator * (255 // steps.denominator)}/255"
+    return f"{value:g}"
+
+
+def same_eps(a: float, b: float) -> bool:
+    """Budgets written as '8/255' and 0.0313725... are the same budget."""
+    return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
+
+
+def is_partial(record: RunRecord) -> bool:
+    full = FULL_TEST_SET.get(record.dataset)
+    return full is None or record.n_ex < full
+
+
+def model_info(record: RunRecord, allow_partial: bool = False) -> dict[str, Any]:
+    """The RobustBench model_info entry for one complete AutoAttack-standard run of a registry model."""
+    meta = info(record.model)
+    variant = meta.variant(record.dataset, record.threat)
+    origin = f"run {record.run_id} ({record.model}, {record.dataset}, {record.threat})"
+    if not record.complete:
+        raise BadInputError(f"{origin} is incomplete: a model_info file needs a finished run",
+                            hint="finish (or resume) the run with zoo-eval first")
+    if record.version != "standard":
+        raise BadInputError(f"{origin} used AutoAttack version {record.version!r}; RobustBench lists 'standard'",
+                            hint="evaluate with --version standard")
+    if not same_eps(record.eps_value, variant.eps_value):
+        raise BadInputError(f"{origin} is at eps {format_eps(record.eps_value, record.threat)}, but the "
+                            f"released checkpoint is rated at {variant.eps}",
+                            hint=f"evaluate at --eps {variant.eps}")
+    if is_partial(record) and not allow_partial:
+        raise BadInputError(f"{origin} covers only {record.n_ex} of {FULL_TEST_SET.get(record.dataset, '?')} "
+                            "test points; RobustBench numbers use the full test set",
+                            hint="evaluate on the full test set, or pass --allow-partial for a draft")
+    return {
+        "link": meta.paper.link,
+        "name": meta.paper.title,
+        "authors": ", ".join(meta.paper.authors),
+        "additional_data": meta.additional_data,
+        "number_forward_passes": 1,  # deterministic single-pass networks; no test-time randomness
+        "dataset": record.dataset,
+        "venue": meta.paper.venue,
+        "architecture": meta.architecture.label,
+        "eps": format_eps(record.eps_value, record.threat),
+        "clean_acc": f"{record.clean.percent:.2f}",
+        "reported": f"{variant.reported['autoattack_acc']:.2f}",
+        "autoattack_acc": f"{record.robust.percent:.2f}",
+        "footnote": meta.footnote,
+        "unreliable": False,
+    }
+
+
+def dumps_model_info(entry: dict[str, Any]) -> str:
+    return json.dumps({k: entry[k] for k in MODEL_INFO_KEYS}, indent=2) + "\n"
+
+
+def model_info_filename(record: RunRecord) -> str:
+    return f"{info(record.model).robustbench_id}.json"
+
+
+def source_link(source: Source) -> str:
+    """A browsable address for one registry source."""
+    if source.kind == "hub":
+        return f"https://huggingface.co/{source.resolved_repo_id}/blob/{source.revision or 'main'}/{source.filename}"
+    if source.kind == "url":
+        return str(source.url)
+    return f"https://drive.google.com/file/d/{source.file_id}"
+
+
+def submission_text(records: list[RunRecord], allow_partial: bool = False) -> str:
+    """RobustBench's 'New Model(s)' issue, filled in from finished runs of one paper's models."""
+    if not records:
+        raise BadInputError("a submission needs at least one result record")
+    metas: list[ModelInfo] = [info(r.model) for r in records]
+    if len({m.paper.title for m in metas}) != 1:
+        raise BadInputError("a submission covers one paper; these records come from several: "
+                            + ", ".join(sorted({m.paper.title for m in metas})))
+    paper = metas[0].paper
+    issue_id = metas[0].robustbench_id.split("_")[0]
+    lines = [f"<!-- issue title: [New Model] {issue_id} -->", "", "# Paper Information", "",
+             f"- **Paper Title**: {paper.title}", f"- **Paper URL**: {paper.link}",
+             f"- **Paper authors**: {', '.join(paper.authors)}", "", "# Leaderboard Claim(s)", ""]
+    for number, (record, meta) in enumerate(zip(records, metas), start=1):
+        entry = model_info(record, allow_partial=allow_partial)
+        variant = meta.variant(record.dataset, record.threat)
+        # an unpinned Hub repo (revision null) is not published yet: do not send reviewers there
+        links = ", ".join(source_link(s) for s in variant.sources if s.kind != "hub" or s.revision)
+        sha = record.checkpoint.get("sha256")
+        code = f"; code: {paper.code}" if paper.code else ""
+        lines += [
+            f"## Model {number}", "",
+            f"- **Model ID**: {meta.robustbench_id} ({record.dataset})",
+            f"- **Architecture**: {entry['architecture']}",
+            f"- **Threat Model**: {ROBUSTBENCH_THREAT[record.threat]}",
+            f"- **eps**: {entry['eps']}",
+            f"- **Clean accuracy**: {entry['clean_acc']}%",
+            f"- **Robust accuracy**: {entry['autoattack_acc']}%",
+            f"- **Additional data**: {str(entry['additional_data']).lower()}",
+            f"- **Evaluation method**: AutoAttack {record.version} ({', '.join(record.attacks)}), "
+            f"seed {record.seed}, n_ex {record.n_ex}" + (" (partial: not the full test set)"
+                                                        if is_partial(record) else ""),
+            f"- **Checkpoint and code**: {links}" + (f" (evaluated file sha256 {sha})" if sha else "") + code,
+            "",
+        ]
+    lines += ["# Model Zoo:", "",
+              "- [ ] I want to add my models to the Model Zoo (check if true)",
+              "- [ ] I use an architecture that is **not** included among those in RobustBench's "
+              "model_zoo/architectures (check if true).",
+              "- [ ] I agree to release my model(s) under MIT license (check if true) **OR**",
+              "- [ ] I want my models to be released under a custom license, located here: (custom license URL here)",
+              ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- reading published entries
+
+@dataclass(frozen=True)
+class PublishedEntry:
+    """One curated RobustBench model_info file, as ranked on its leaderboard."""
+
+    model_id: str
+    data: dict[str, Any]
+    clean: float
+    robust: float        # ``external`` when present (a stronger outside evaluation), else AutoAttack
+    eps_value: float
+
+
+def read_model_info(path: Path) -> PublishedEntry:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{path}: cannot read model_info file ({exc})") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: not a JSON object")
+    missing = [k for k in ("name", "dataset", "eps", "clean_acc", "autoattack_acc") if k not in data]
+    if missing:
+        raise BadInputError(f"{path}: missing field(s) {missing}")
+    wrong = [k for k in ("link", "name", "authors", "dataset", "venue", "architecture") if k in data
+             and not isinstance(data[k], str)]
+    if wrong:
+        raise BadInputError(f"{path}: field(s) {wrong} must be strings")
+    try:
+        robust = float(data["external"] if data.get("external") not in (None, "") else data["autoattack_acc"])
+        return PublishedEntry(model_id=path.stem, data=data, clean=float(data["clean_acc"]), robust=robust,
+                              eps_value=parse_eps(data["eps"]))
+    except (TypeError, ValueError) as exc:
+        raise BadInputError(f"{path}: malformed model_info file ({exc})") from None
+
+
+def model_info_files(folder: Path, dataset: str, threat: str) -> list[Path]:
+    """JSON files of a model_info folder: either RobustBench's tree root or one dataset/threat folder."""
+    if not folder.is_dir():
+        raise BadInputError(f"model_info folder {folder} does not exist")
+    nested = folder / dataset / ROBUSTBENCH_THREAT.get(threat, threat)
+    return sorted((nested if nested.is_dir() else folder).glob("*.json"))
