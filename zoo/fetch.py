@@ -18,7 +18,6 @@ import os
 import re
 import socket
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 from . import constants, registry
 from .checkpoint import sniff_format
 from .errors import BadInputError, CorruptCheckpointError, DownloadError, OfflineError, UnknownVariantError, ZooError
-from .fileio import sha256_file
+from .fileio import atomic_output, sha256_file
 from .registry import ModelInfo, Source, Variant
 
 log = logging.getLogger(__name__)
@@ -264,13 +263,10 @@ def _open(url: str) -> http.client.HTTPResponse:
 def _save_verified(response, dest: Path, source: Source, progress: bool) -> tuple[str, int]:
     """Stream into a temp file next to ``dest``, verify it, then rename: the cache never holds a bad file."""
     expected = _content_length(response)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
+    with atomic_output(dest, suffix=".part") as tmp:
         show = bool(progress and expected and expected > PROGRESS_MIN_BYTES and _stderr_is_terminal())
-        with os.fdopen(fd, "wb") as fh, tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024,
-                                             desc=source.describe()[-60:], disable=not show) as bar:
+        with open(tmp, "wb") as fh, tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024,
+                                         desc=source.describe()[-60:], disable=not show) as bar:
             try:
                 for chunk in iter(lambda: response.read(_CHUNK), b""):
                     fh.write(chunk)
@@ -281,12 +277,7 @@ def _save_verified(response, dest: Path, source: Source, progress: bool) -> tupl
                 raise DownloadError(f"the transfer broke off ({type(exc).__name__}: {exc})") from None
             fh.flush()
             os.fsync(fh.fileno())
-        result = _verify(tmp, source, "the downloaded file", lambda: tmp.unlink(missing_ok=True),
-                         transfer_size=expected)
-        os.replace(tmp, dest)
-        return result
-    finally:
-        tmp.unlink(missing_ok=True)
+        return _verify(tmp, source, "the downloaded file", lambda: None, transfer_size=expected)
 
 
 def _content_length(response) -> int | None:
