@@ -8,13 +8,16 @@ schema lives in one place; ``RunRecord.from_dict`` rejects anything malformed wi
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from zoo.errors import BadInputError
-from zoo.fileio import atomic_write_text
+from zoo.fileio import atomic_write_bytes, atomic_write_text
 
 SCHEMA_VERSION = 1
 
@@ -164,3 +167,138 @@ class RunRecord:
 
 def _accuracy(raw: Any) -> Accuracy:
     return Accuracy(correct=int(raw["correct"]), total=int(raw["total"]))
+
+
+# ---------------------------------------------------------------- per-example arrays (<run-id>.npz)
+
+PER_EXAMPLE_KEYS = ("indices", "clean_correct", "robust", "broken_by", "clean_pred", "adv_pred",
+                    "adv_positions", "x_adv")
+
+
+@dataclass(frozen=True)
+class PerExample:
+    """What happened to each example, in the order of ``RunRecord.indices``.
+
+    ``broken_by[i]`` is the position in ``RunRecord.attacks`` of the attack that first fooled example i
+    (-1: never fooled, or not correctly classified to begin with). ``x_adv`` holds the adversarial images
+    of the fooled examples only, in the order of ``adv_positions`` (positions into ``indices``); every other
+    example's adversarial image is its clean image. ``adv_pred`` is the model's label on the adversarial
+    image (-1 where none was found).
+    """
+
+    indices: np.ndarray        # (n,) int64, data-set indices
+    clean_correct: np.ndarray  # (n,) bool
+    robust: np.ndarray         # (n,) bool
+    broken_by: np.ndarray      # (n,) int16
+    clean_pred: np.ndarray     # (n,) int64
+    adv_pred: np.ndarray       # (n,) int64
+    adv_positions: np.ndarray  # (m,) int64, increasing
+    x_adv: np.ndarray          # (m, C, H, W) float32 in [0, 1]
+
+    def robust_after(self, stage: int) -> np.ndarray:
+        """Robust flags after attack number ``stage`` (0-based) of the sequence."""
+        fooled = (self.broken_by >= 0) & (self.broken_by <= stage)
+        return self.clean_correct & ~fooled
+
+    def check(self, origin: str = "per-example arrays") -> None:
+        """Internal consistency; raises BadInputError naming the first problem."""
+        n = len(self.indices)
+        problems = []
+        for name in ("clean_correct", "robust", "broken_by", "clean_pred", "adv_pred"):
+            if getattr(self, name).shape != (n,):
+                problems.append(f"{name} has shape {getattr(self, name).shape}, expected ({n},)")
+        if problems:
+            raise BadInputError(f"{origin}: " + "; ".join(problems))
+        fooled = self.broken_by >= 0
+        if np.any(self.robust & ~self.clean_correct):
+            problems.append("robust examples that were not clean-correct")
+        if np.any(fooled & ~self.clean_correct) or np.any(fooled & self.robust):
+            problems.append("broken_by set for examples that were not fooled")
+        if not np.array_equal(self.robust, self.clean_correct & ~fooled):
+            problems.append("robust flags disagree with clean_correct and broken_by")
+        if not np.array_equal(self.adv_positions, np.flatnonzero(fooled)):
+            problems.append("adv_positions are not exactly the fooled examples")
+        if self.x_adv.shape[:1] != self.adv_positions.shape:
+            problems.append(f"x_adv holds {self.x_adv.shape[0]} images for {len(self.adv_positions)} fooled examples")
+        if problems:
+            raise BadInputError(f"{origin}: inconsistent per-example arrays: " + "; ".join(problems))
+
+    def full_x_adv(self, x_clean: np.ndarray) -> np.ndarray:
+        """All n adversarial images (clean image where none was found), as AutoAttack returns them."""
+        out = np.array(x_clean, dtype=np.float32, copy=True)
+        out[self.adv_positions] = self.x_adv
+        return out
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, schema_version=np.int64(SCHEMA_VERSION),
+                            **{k: getattr(self, k) for k in PER_EXAMPLE_KEYS})
+        return buffer.getvalue()
+
+    def write(self, path: str | Path) -> Path:
+        return atomic_write_bytes(path, self.to_bytes())
+
+    @classmethod
+    def read(cls, path: str | Path) -> "PerExample":
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                missing = [k for k in PER_EXAMPLE_KEYS if k not in data.files]
+                if missing:
+                    raise BadInputError(f"{path}: missing array(s) {missing}")
+                arrays = {k: data[k] for k in PER_EXAMPLE_KEYS}
+        except (OSError, ValueError) as exc:
+            raise BadInputError(f"{path}: cannot read per-example arrays ({exc})") from None
+        out = cls(**arrays)
+        out.check(str(path))
+        return out
+
+
+def per_example_path(record_path: str | Path) -> Path:
+    """The ``<run-id>.npz`` written next to ``<run-id>.json``."""
+    return Path(record_path).with_suffix(".npz")
+
+
+class AdversarialCheckError(BadInputError):
+    """Adversarial examples that break the threat model or do not reproduce the claimed robust flags."""
+
+
+def perturbation_norms(delta: np.ndarray, norm: str) -> np.ndarray:
+    """Per-example norm of perturbations (any shape with examples first), computed in float64."""
+    flat = np.asarray(delta, dtype=np.float64).reshape(len(delta), -1)
+    if norm == "Linf":
+        return np.abs(flat).max(axis=1, initial=0.0)
+    if norm == "L2":
+        return np.sqrt((flat ** 2).sum(axis=1))
+    if norm == "L1":
+        return np.abs(flat).sum(axis=1)
+    raise BadInputError(f"unknown norm {norm!r}")
+
+
+def check_adversarial(per_example: PerExample, x_clean: np.ndarray, norm: str, eps: float,
+                      tolerance: float = 1e-6) -> None:
+    """Every stored adversarial image is finite, inside [0, 1] and within eps of its clean image.
+
+    The tolerance is ``tolerance * max(1, eps)``: absolute for the usual Linf/L2 radii, relative for the
+    large L1 radius where float32 sums over 3072 pixels round by more than 1e-6.
+    """
+    adv = per_example.x_adv
+    pos = per_example.adv_positions
+    problems = []
+    if adv.size and not np.all(np.isfinite(adv)):
+        bad = pos[~np.isfinite(adv.reshape(len(adv), -1)).all(axis=1)]
+        problems.append(f"{len(bad)} adversarial image(s) contain NaN/inf (positions {bad[:5].tolist()})")
+    elif adv.size and (adv.min() < 0 or adv.max() > 1):
+        bad = pos[((adv < 0) | (adv > 1)).reshape(len(adv), -1).any(axis=1)]
+        problems.append(f"{len(bad)} adversarial image(s) leave [0, 1] (range [{adv.min():g}, {adv.max():g}], "
+                        f"positions {bad[:5].tolist()})")
+    if adv.size and not problems:
+        norms = perturbation_norms(adv - np.asarray(x_clean, np.float32)[pos], norm)
+        limit = eps + tolerance * max(1.0, eps)
+        over = norms > limit
+        if over.any():
+            problems.append(f"{int(over.sum())} adversarial image(s) exceed the {norm} budget {eps:.6g} "
+                            f"(largest norm {norms.max():.8g}, positions {pos[over][:5].tolist()})")
+    if problems:
+        raise AdversarialCheckError("adversarial examples fail validation: " + "; ".join(problems),
+                                    hint="this is a bug in the attack engine: no result was written")

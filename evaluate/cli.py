@@ -1,0 +1,236 @@
+"""``zoo-eval``: run, resume, shard and merge AutoAttack evaluations from the command line.
+
+    zoo-eval --model score-wrn-28-10 --threat linf [--n-ex 1000] [--batch-size 500] [--dry-run]
+    zoo-eval --resume RUN_DIR                      # continue an interrupted run
+    zoo-eval --model ... --shard 0/4               # one of four shards (e.g. a Slurm array task)
+    torchrun --nproc-per-node 4 -m zoo.evaluate --model ...   # one shard per GPU, rank 0 merges
+    zoo-eval merge RUN_DIR                         # join finished shards and write the record
+
+Every user-fixable problem prints one message naming it and its fix, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from zoo.errors import BadInputError, ZooError
+
+from . import runner
+from .data import default_data_dir
+from .engine import ENGINES, KNOWN_ATTACKS, NORMS, VERSIONS
+from .prepare import DEFAULT_CHUNK_BATCHES, PRECISIONS
+
+log = logging.getLogger("zoo.evaluate")
+
+# Flags whose value, when given next to --resume, must agree with the run folder's configuration.
+_RUN_KEYS = ("model", "dataset", "threat", "eps", "n_ex", "data", "data_dir", "checkpoint", "device", "precision",
+             "batch_size", "seed", "version", "attacks", "engine", "results_dir", "chunk_batches", "channels_last",
+             "model_label")
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zoo-eval", description="Faithful, resumable AutoAttack evaluation (same results as pyautoattack's "
+                                     "run_standard_evaluation with the same seed and batch size).",
+        epilog="Other command: `zoo-eval merge RUN_DIR` joins finished shards. Defaults: eps 8/255 (linf), "
+               "0.5 (l2), 12 (l1); all 10000 test images; seed 0.")
+    p.add_argument("--model", help="registry name (or RobustBench id) of the model")
+    p.add_argument("--threat", choices=list(NORMS), default=None, help="threat model (default linf)")
+    p.add_argument("--dataset", default=None, help="cifar10 (default) or cifar100")
+    p.add_argument("--eps", default=None, help="perturbation budget, e.g. 8/255 or 0.5")
+    p.add_argument("--n-ex", type=int, default=None, help="evaluate the first N test images (default all)")
+    p.add_argument("--data", default=None, help=".npz with x (uint8 NHWC or float NCHW in [0,1]) and y")
+    p.add_argument("--data-dir", default=None, help=f"where CIFAR is downloaded (default {default_data_dir()})")
+    p.add_argument("--checkpoint", default=None, help="local checkpoint file instead of downloading the weights")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default=None,
+                   help="fp32 (default, exact); tf32 or bf16 on GPUs (bf16 successes are re-checked in fp32)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="AutoAttack batch size B; part of the result's definition (default: 250 on CPU, "
+                        "probed from GPU memory on CUDA)")
+    p.add_argument("--seed", type=int, default=None, help="attack seed (default 0)")
+    p.add_argument("--version", choices=list(VERSIONS), default=None,
+                   help="AutoAttack version (default standard; custom when --attacks is given)")
+    p.add_argument("--attacks", default=None, help=f"comma-separated, with --version custom: {','.join(KNOWN_ATTACKS)}")
+    p.add_argument("--engine", choices=list(ENGINES), default=None, help="attack implementation (default reference)")
+    p.add_argument("--results-dir", default=None, help="where records are written (default results/)")
+    p.add_argument("--run-dir", default=None, help="where the resumable state lives (default: in the cache)")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run kept in RUN_DIR")
+    p.add_argument("--shard", default=None, metavar="I/K", help="evaluate only shard I of K (0-based)")
+    p.add_argument("--chunk-batches", type=int, default=None,
+                   help=f"save progress every N batches (default {DEFAULT_CHUNK_BATCHES})")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False, default=None,
+                   help="keep the model in NCHW memory format on GPUs (default: channels_last there)")
+    p.add_argument("--model-label", default=None, help="name used in results paths instead of the model name")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and a cost estimate, run nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
+    slurm = p.add_argument_group("Slurm (needs `pip install score-zoo[slurm]`)")
+    slurm.add_argument("--slurm", action="store_true", help="submit a job array of --shards tasks via submitit")
+    slurm.add_argument("--shards", type=int, default=1, help="number of Slurm array tasks (shards)")
+    slurm.add_argument("--slurm-partition", default=None)
+    slurm.add_argument("--slurm-time", type=int, default=240, help="minutes per task (default 240)")
+    slurm.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per task (default 1)")
+    slurm.add_argument("--slurm-log-dir", default="slurm-logs", help="submitit's log folder")
+    return p
+
+
+def _merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zoo-eval merge",
+                                description="Join the finished shards of a run folder, check them, write the record.")
+    p.add_argument("run_dir", help="the run folder (printed when the run started)")
+    p.add_argument("--results-dir", default=None, help="override where the record is written")
+    p.add_argument("--device", default=None, help="device for the fp32 re-check (default: the run's device type)")
+    return p
+
+
+def _kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    given = {k: getattr(args, k) for k in _RUN_KEYS if getattr(args, k, None) is not None}
+    if args.resume:
+        inv = runner.invocation_of(args.resume)
+        if inv["model_kind"] == "module":
+            raise BadInputError(f"{args.resume} was started from Python with a custom module ({inv['model']})",
+                                hint="resume it from Python: zoo.evaluate.run(model, run_dir=..., same arguments)")
+        base = {"model": inv["model"], "dataset": inv["model_dataset"], "threat": inv["threat"], "eps": inv["eps"],
+                "n_ex": inv["n_ex"], "data": inv["data"], "data_dir": inv["data_dir"],
+                "checkpoint": inv["checkpoint"], "precision": inv["precision"], "batch_size": inv["batch_size"],
+                "seed": inv["seed"], "version": inv["version"], "attacks": inv["attacks"], "engine": inv["engine"],
+                "results_dir": inv["results_dir"], "channels_last": inv["channels_last"],
+                "model_label": inv.get("model_label")}
+        if args.run_dir is not None and Path(args.run_dir).resolve() != Path(args.resume).resolve():
+            raise BadInputError("--run-dir and --resume name different folders", hint="pass only --resume RUN_DIR")
+        given = {**base, **given, "run_dir": args.resume}
+    elif args.run_dir is not None:
+        given["run_dir"] = args.run_dir
+    if not given.get("model"):
+        raise BadInputError("no model given", hint="pass --model NAME (`zoo ls` lists them) or --resume RUN_DIR")
+    if isinstance(given.get("attacks"), str):
+        given["attacks"] = [a.strip() for a in given["attacks"].split(",") if a.strip()]
+    if given.get("attacks") and given.get("version") is None:
+        given["version"] = "custom"
+    if args.shard is not None:
+        given["shard"] = args.shard
+    if args.no_progress:
+        given["progress"] = False
+    return given
+
+
+def _summary(record) -> str:
+    lines = [f"{record.model}  {record.dataset} {record.threat} eps={record.eps}  {record.version}  "
+             f"n={record.n_ex}  seed={record.seed}  batch={record.batch_size}",
+             f"  {'clean':<10} {record.clean.percent:6.2f}%  ({record.clean.correct}/{record.clean.total})"]
+    for s in record.stages:
+        lines.append(f"  {s.attack:<10} {s.robust.percent:6.2f}%  ({s.robust.correct}/{s.robust.total})  "
+                     f"{s.seconds:.1f} s")
+    lines.append(f"  {'robust':<10} {record.robust.percent:6.2f}%")
+    return "\n".join(lines)
+
+
+def _submit_slurm(args: argparse.Namespace, argv: list[str]) -> int:
+    try:
+        import submitit
+    except ImportError:
+        raise ZooError("--slurm needs submitit, which is not installed",
+                       hint="pip install 'score-zoo[slurm]' (or run shards yourself with --shard I/K)") from None
+    if args.shards < 1:
+        raise BadInputError(f"--shards must be at least 1, got {args.shards}")
+    if args.shard is not None:
+        raise BadInputError("--slurm picks the shards itself", hint="drop --shard and set --shards K")
+    base = _strip_slurm_flags(argv)
+    executor = submitit.AutoExecutor(folder=args.slurm_log_dir)
+    params = {"timeout_min": args.slurm_time, "gpus_per_node": args.slurm_gpus, "tasks_per_node": 1,
+              "slurm_array_parallelism": args.shards}
+    if args.slurm_partition:
+        params["slurm_partition"] = args.slurm_partition
+    executor.update_parameters(**params)
+    task = SlurmTask()
+    argvs = [base + ["--shard", f"{i}/{args.shards}", "--no-progress"] for i in range(args.shards)]
+    jobs = executor.map_array(task, argvs)
+    print(f"submitted {len(jobs)} Slurm task(s): {', '.join(j.job_id for j in jobs)}")
+    print("each task resumes from its state when requeued; the last one to finish writes the record "
+          "(or run `zoo-eval merge RUN_DIR` with the run folder from the task logs)")
+    return 0
+
+
+def _strip_slurm_flags(argv: list[str]) -> list[str]:
+    valued = {"--shards", "--slurm-partition", "--slurm-time", "--slurm-gpus", "--slurm-log-dir"}
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if item == "--slurm":
+            continue
+        if name in valued:
+            skip = "=" not in item
+            continue
+        out.append(item)
+    return out
+
+
+class SlurmTask:
+    """A picklable callable for submitit: runs one shard; on preemption/timeout, requeues itself."""
+
+    def __call__(self, argv: list[str]) -> int:
+        code = main(argv)
+        if code:
+            raise SystemExit(code)
+        return code
+
+    def checkpoint(self, argv: list[str]):
+        import submitit
+        return submitit.helpers.DelayedSubmission(self, argv)  # the rerun resumes from the shard state
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger("zoo.evaluate")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+    aa = logging.getLogger("auto-attack")
+    if not aa.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("autoattack: %(message)s"))
+        aa.addHandler(handler)
+        aa.setLevel(logging.WARNING)
+        aa.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _configure_logging()
+    try:
+        if argv[:1] == ["merge"]:
+            args = _merge_parser().parse_args(argv[1:])
+            record = runner.merge(args.run_dir, results_dir=args.results_dir, device=args.device)
+            results_dir = args.results_dir or runner.invocation_of(args.run_dir)["results_dir"]
+            print(_summary(record))
+            print(f"record: {Path(results_dir) / record.relative_path()}")
+            return 0
+        args = _run_parser().parse_args(argv)
+        if args.slurm:
+            return _submit_slurm(args, argv)
+        kwargs = _kwargs_from_args(args)
+        model = kwargs.pop("model")
+        if args.dry_run:
+            print(runner.plan(model, **{k: v for k, v in kwargs.items() if k != "progress"}).text)
+            return 0
+        record = runner.run(model, **kwargs)
+        if record is None:
+            print("this shard is finished; the record is written once every shard is (see the log above)")
+            return 0
+        print(_summary(record))
+        print(f"record: {Path(kwargs.get('results_dir') or 'results') / record.relative_path()}")
+        return 0
+    except ZooError as exc:
+        print(f"zoo-eval: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # argparse: usage errors exit 2 already; --help exits 0
+        return int(exc.code) if isinstance(exc.code, int) else 2

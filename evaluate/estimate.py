@@ -1,0 +1,138 @@
+"""Rough cost of a run before it starts: passes per example per stage, MACs, and a timed guess.
+
+Pass counts come from the engine's attack settings (read from pyautoattack), MACs from forward hooks, and
+seconds from timing a few forward/backward passes of the model on the run's device.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .engine import AttackView, count_macs, make_engine
+from .prepare import Setup, precision_mode
+
+
+def fmt_seconds(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    rows: list[dict[str, Any]]
+    macs_per_image: int | None
+    parameters: int
+    seconds_forward: float      # per image
+    seconds_backward: float     # per image (input gradient only)
+    max_seconds: float
+    typical_seconds: float | None
+
+
+def _time_passes(model: nn.Module, shape: tuple[int, ...], device: torch.device, batch: int,
+                 precision: str) -> tuple[float, float]:
+    """Seconds per image for a forward pass and for the backward pass to the input (rough, 2 repeats)."""
+    view = AttackView(model, torch.bfloat16 if precision == "bf16" else None)
+    x = torch.rand(batch, *shape, device=device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with precision_mode(precision, device):
+        with torch.no_grad():
+            view(x)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(2):
+            with torch.no_grad():
+                view(x)
+        sync()
+        fwd = (time.perf_counter() - t0) / (2 * batch)
+        t0 = time.perf_counter()
+        for _ in range(2):
+            xg = x.clone().requires_grad_(True)
+            with torch.enable_grad():
+                torch.autograd.grad(view(xg).sum(), xg)
+        sync()
+        both = (time.perf_counter() - t0) / (2 * batch)
+    return fwd, max(both - fwd, 0.0)
+
+
+def estimate(setup: Setup, n_points: int | None = None) -> Estimate:
+    n = setup.n if n_points is None else n_points
+    shape = tuple(setup.data.x.shape[1:])
+    cost = count_macs(setup.model, shape, setup.device)
+    view = AttackView(setup.model)
+    engine = make_engine(setup.engine_name, view, norm=setup.norm, eps=setup.eps, version=setup.version,
+                         attacks=list(setup.attacks), seed=setup.seed, device=setup.device, precision=setup.precision)
+    t_f, t_b = _time_passes(setup.model, shape, setup.device, max(1, min(setup.batch_size, 16, n)), setup.precision)
+    clean = setup.reported.get("clean_acc")
+    robust = setup.reported.get("autoattack_acc")
+    rows = [{"stage": "clean", "points": n, "forward": 1, "backward": 0,
+             "typical_points": n if clean is not None else None}]
+    for i, attack in enumerate(setup.attacks):
+        f, b = engine.cost_per_point(attack, setup.num_classes)
+        typical = None
+        if clean is not None and robust is not None:
+            typical = round(n * (clean if i == 0 else robust) / 100)
+        rows.append({"stage": attack, "points": n, "forward": f, "backward": b, "typical_points": typical})
+    max_seconds = sum(r["points"] * (r["forward"] * t_f + r["backward"] * t_b) for r in rows)
+    typical_seconds = None
+    if all(r["typical_points"] is not None for r in rows):
+        typical_seconds = sum(r["typical_points"] * (r["forward"] * t_f + r["backward"] * t_b) for r in rows)
+    return Estimate(rows=rows, macs_per_image=cost.macs_per_image, parameters=cost.parameters, seconds_forward=t_f,
+                    seconds_backward=t_b, max_seconds=max_seconds, typical_seconds=typical_seconds)
+
+
+@dataclass(frozen=True)
+class Plan:
+    setup: Setup
+    estimate: Estimate
+    text: str
+
+
+def plan_text(setup: Setup, est: Estimate) -> str:
+    d = setup.data
+    idx = d.indices
+    lines = [
+        f"model      {setup.label} ({est.parameters / 1e6:.2f}M parameters"
+        + (f", {est.macs_per_image / 1e9:.3f} GMACs per image)" if est.macs_per_image else ")"),
+        f"checkpoint {setup.checkpoint.get('path') or setup.checkpoint['source']} "
+        f"(sha256 {(setup.checkpoint.get('sha256') or setup.checkpoint['weights_sha256'])[:16]}...)",
+        f"data       {d.dataset} ({d.source.get('source')}), examples {idx[0]}..{idx[-1]} ({len(idx)})",
+        f"threat     {setup.threat} eps {setup.eps_text} ({setup.eps:.6g}), version {setup.version}, "
+        f"seed {setup.seed}",
+        f"engine     {setup.engine_name} {setup.engine_version}, precision {setup.precision}, device {setup.device}, "
+        f"batch size {setup.batch_size}{' (auto)' if setup.batch_auto else ''}, shard {setup.shard[0]}/{setup.shard[1]}",
+        f"run folder {setup.run_dir}",
+        f"results    {setup.results_dir / setup.data.dataset / setup.threat / setup.label}",
+        "",
+        f"{'stage':<10} {'points<=':>9} {'fwd/pt':>8} {'bwd/pt':>8} {'passes<=':>12} {'TMACs<=':>10}",
+    ]
+    total_passes = 0
+    for r in est.rows:
+        passes = r["points"] * (r["forward"] + r["backward"])
+        total_passes += passes
+        tmacs = f"{passes * est.macs_per_image / 1e12:10.1f}" if est.macs_per_image else f"{'?':>10}"
+        lines.append(f"{r['stage']:<10} {r['points']:>9} {r['forward']:>8} {r['backward']:>8} {passes:>12.3g} {tmacs}")
+    lines.append(f"{'total':<10} {'':>9} {'':>8} {'':>8} {total_passes:>12.3g}"
+                 + (f" {total_passes * est.macs_per_image / 1e12:10.1f}" if est.macs_per_image else ""))
+    lines += ["", "upper bound: every example attacked by every stage (a backward pass costs about one forward).",
+              f"measured: {est.seconds_forward * 1e3:.3g} ms forward, {est.seconds_backward * 1e3:.3g} ms backward "
+              f"per image on {setup.device}",
+              f"estimated time: at most {fmt_seconds(est.max_seconds)}"
+              + (f", about {fmt_seconds(est.typical_seconds)} at the reported accuracies"
+                 if est.typical_seconds is not None else "")]
+    return "\n".join(lines)
