@@ -34,25 +34,6 @@ class LoadedRecords:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_record(path: str | Path) -> RunRecord:
-    """One record, checked for everything the reports rely on; any defect is a BadInputError naming it."""
-    try:
-        record = RunRecord.read(path)
-        problems = [name for name in ("run_id", "model", "dataset", "threat", "version", "created")
-                    if not isinstance(getattr(record, name), str)]
-        if problems:
-            raise BadInputError(f"{path}: field(s) {problems} must be strings")
-        try:
-            datetime.fromisoformat(record.created)
-        except ValueError:
-            raise BadInputError(f"{path}: 'created' is not an ISO 8601 time ({record.created!r})") from None
-        if not isinstance(record.eps_value, (int, float)) or not isinstance(record.complete, bool):
-            raise BadInputError(f"{path}: eps_value must be a number and complete a boolean")
-    except (TypeError, KeyError, AttributeError) as exc:  # wrongly typed fields the schema check let through
-        raise BadInputError(f"{path}: malformed record ({type(exc).__name__}: {exc})") from None
-    return record
-
-
 def unfinished_warning(path: str | Path, record: RunRecord) -> str:
     return f"{path}: unfinished run {record.run_id} (complete: false) -- excluded"
 
@@ -68,7 +49,7 @@ def load_records(results_dir: str | Path) -> LoadedRecords:
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue
         try:
-            record = read_record(path)
+            record = RunRecord.read(path)
         except BadInputError as exc:
             out.warnings.append(f"{exc} -- excluded")
             continue

@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,14 @@ class RunRecord:
         unknown = sorted(set(data) - names - {"schema_version", "n_ex"})
         if unknown:
             raise BadInputError(f"{origin}: unknown field(s) {unknown}")
+        wrong = [f"{k} must be {_FIELD_TYPES[k][1]}" for k in _FIELD_TYPES
+                 if k in data and not _is_type(data[k], _FIELD_TYPES[k][0])]
+        if wrong:
+            raise BadInputError(f"{origin}: wrongly typed field(s): " + "; ".join(wrong))
+        try:
+            datetime.fromisoformat(data["created"])
+        except ValueError:
+            raise BadInputError(f"{origin}: 'created' is not an ISO 8601 time ({data['created']!r})") from None
         try:
             kwargs = {k: data[k] for k in names if k in data}
             kwargs["clean"] = _accuracy(data["clean"])
@@ -128,9 +137,11 @@ class RunRecord:
             kwargs["attacks"] = tuple(data["attacks"])
             kwargs["indices"] = tuple(int(i) for i in data["indices"])
             record = cls(**kwargs)
-        except (KeyError, TypeError, ValueError) as exc:
+            record.validate(origin)
+        except BadInputError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BadInputError(f"{origin}: malformed record ({type(exc).__name__}: {exc})") from None
-        record.validate(origin)
         return record
 
     def validate(self, origin: str = "record") -> None:
@@ -163,6 +174,24 @@ class RunRecord:
         path = Path(results_root) / self.relative_path()
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
+
+
+# Scalar fields whose JSON type from_dict checks before building the record (bool is not an int here).
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    **{k: ((str,), "a string") for k in ("run_id", "model", "dataset", "threat", "norm", "eps", "version",
+                                          "engine", "precision", "device", "config_hash", "created")},
+    "eps_value": ((int, float), "a number"),
+    "seed": ((int,), "an integer"),
+    "batch_size": ((int,), "an integer"),
+    "complete": ((bool,), "true or false"),
+    "per_example_file": ((str, type(None)), "a string or null"),
+    **{k: ((dict,), "an object") for k in ("libraries", "checkpoint", "data", "extra", "clean", "robust")},
+    **{k: ((list,), "a list") for k in ("attacks", "indices", "stages")},
+}
+
+
+def _is_type(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
 
 
 def _accuracy(raw: Any) -> Accuracy:

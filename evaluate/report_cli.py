@@ -68,7 +68,7 @@ def _read_records(paths: list[str], strict: bool) -> list[RunRecord]:
     records, problems = [], []
     for path in paths:
         try:
-            record = leaderboard.read_record(path)
+            record = RunRecord.read(path)
         except BadInputError as exc:
             problems.append(f"{exc} -- excluded")
             continue

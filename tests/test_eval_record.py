@@ -164,3 +164,24 @@ def test_progress_bar_on_a_terminal_and_log_lines_otherwise(monkeypatch, caplog)
         _Progress(False, "square", 3, 4, total=20, done=0).update(5, robust=3, n=40)  # ranks > 0: silent
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "square: 5/20 points attacked, 15 left, robust 7.50% so far, ETA" in lines[0]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("eps_value", "8/255", "eps_value must be a number"),
+    ("complete", "yes", "complete must be true or false"),
+    ("seed", True, "seed must be an integer"),
+    ("created", 20250101, "created must be a string"),
+    ("created", "yesterday", "not an ISO 8601 time"),
+    ("stages", {"apgd-ce": 1}, "stages must be a list"),
+    ("clean", {"correct": 5}, "malformed record"),
+])
+def test_record_schema_rejects_wrong_types(field, value, message):
+    from test_report_support import make_record
+    from zoo.errors import BadInputError
+    from zoo.evaluate.record import RunRecord
+
+    data = make_record(n=100, clean=80, robust=50).to_dict()
+    assert RunRecord.from_dict(data).to_dict() == data
+    data[field] = value
+    with pytest.raises(BadInputError, match=message):
+        RunRecord.from_dict(data, origin="r.json")
