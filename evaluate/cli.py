@@ -5,6 +5,7 @@
     zoo-eval --model ... --shard 0/4               # one of four shards (e.g. a Slurm array task)
     torchrun --nproc-per-node 4 -m zoo.evaluate --model ...   # one shard per GPU, rank 0 merges
     zoo-eval merge RUN_DIR                         # join finished shards and write the record
+    zoo-eval --suite paper [--n-ex 1000]           # every evaluation `zoo-report paper` needs
 
 Every user-fixable problem prints one message naming it and its fix, and exits with status 2.
 """
@@ -39,6 +40,8 @@ def _run_parser() -> argparse.ArgumentParser:
         epilog="Other command: `zoo-eval merge RUN_DIR` joins finished shards. Defaults: eps 8/255 (linf), "
                "0.5 (l2), 12 (l1); all 10000 test images; seed 0.")
     p.add_argument("--model", help="registry name (or RobustBench id) of the model")
+    p.add_argument("--suite", choices=["paper"], default=None,
+                   help="run (or resume) every evaluation of the SCORE paper's table, one after another")
     p.add_argument("--threat", choices=list(NORMS), default=None, help="threat model (default linf)")
     p.add_argument("--dataset", default=None, help="cifar10 (default) or cifar100")
     p.add_argument("--eps", default=None, help="perturbation budget, e.g. 8/255 or 0.5")
@@ -186,6 +189,32 @@ class SlurmTask:
         return submitit.helpers.DelayedSubmission(self, argv)  # the rerun resumes from the shard state
 
 
+def _run_suite(args: argparse.Namespace) -> int:
+    """Each paper-table evaluation in turn; re-running the command resumes where it stopped."""
+    from .paper_table import paper_suite
+
+    clashing = [f"--{name.replace('_', '-')}" for name in ("model", "dataset", "threat", "eps", "resume",
+                                                          "run_dir", "shard", "model_label")
+                if getattr(args, name) is not None]
+    if clashing:
+        raise BadInputError(f"--suite paper picks the models, datasets and eps itself; drop {', '.join(clashing)}")
+    if args.checkpoint is not None:
+        raise BadInputError("--checkpoint names one file, but --suite paper runs four checkpoints",
+                            hint="pre-download them with `zoo download score-wrn-28-10 score-wrn-70-16`")
+    for evaluation in paper_suite():
+        args.model, args.dataset, args.threat, args.eps = evaluation
+        kwargs = _kwargs_from_args(args)
+        model = kwargs.pop("model")
+        print(f"== {model} {args.dataset} {args.threat} eps={args.eps}")
+        if args.dry_run:
+            print(runner.plan(model, **{k: v for k, v in kwargs.items() if k != "progress"}).text)
+            continue
+        record = runner.run(model, **kwargs)
+        if record is not None:
+            print(_summary(record))
+    return 0
+
+
 def _configure_logging() -> None:
     root = logging.getLogger("zoo.evaluate")
     if not root.handlers:
@@ -217,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _run_parser().parse_args(argv)
         if args.slurm:
             return _submit_slurm(args, argv)
+        if args.suite:
+            return _run_suite(args)
         kwargs = _kwargs_from_args(args)
         model = kwargs.pop("model")
         if args.dry_run:

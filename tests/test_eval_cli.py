@@ -306,3 +306,22 @@ def test_slurm_submits_one_array_task_per_shard(env, capsys, monkeypatch):
 def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "zoo.evaluate", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--resume RUN_DIR" in out.stdout and "zoo-eval merge RUN_DIR" in out.stdout
+
+
+def test_suite_paper_runs_each_table_evaluation_with_the_shared_flags(monkeypatch, capsys):
+    from zoo.evaluate import runner
+    from zoo.evaluate.paper_table import paper_suite
+
+    calls = []
+    monkeypatch.setattr(runner, "run", lambda model, **kw: calls.append((model, kw)))
+    assert cli.main(["--suite", "paper", "--n-ex", "500", "--device", "cpu", "--seed", "3", "--no-progress"]) == 0
+    assert [(m, kw["dataset"], kw["threat"], kw["eps"]) for m, kw in calls] == [tuple(e) for e in paper_suite()]
+    assert len(calls) == 4 and all(kw["n_ex"] == 500 and kw["seed"] == 3 and kw["device"] == "cpu" for _, kw in calls)
+    assert {m for m, _ in calls} == {"score-wrn-28-10", "score-wrn-70-16"}
+
+
+def test_suite_paper_refuses_per_model_flags(capsys):
+    assert cli.main(["--suite", "paper", "--model", "score-wrn-28-10", "--eps", "4/255"]) == 2
+    assert "drop --model, --eps" in capsys.readouterr().err
+    assert cli.main(["--suite", "paper", "--checkpoint", "x.pt"]) == 2
+    assert "zoo download" in capsys.readouterr().err
