@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from zoo.errors import BadInputError, ZooError
+from zoo.errors import BadInputError, ZooError, run_cli
 
 from . import runner
 from .data import default_data_dir
@@ -235,33 +235,31 @@ def _configure_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _configure_logging()
-    try:
-        if argv[:1] == ["merge"]:
-            args = _merge_parser().parse_args(argv[1:])
-            record = runner.merge(args.run_dir, results_dir=args.results_dir, device=args.device)
-            results_dir = args.results_dir or runner.invocation_of(args.run_dir)["results_dir"]
-            print(_summary(record))
-            print(f"record: {Path(results_dir) / record.relative_path()}")
-            return 0
-        args = _run_parser().parse_args(argv)
-        if args.slurm:
-            return _submit_slurm(args, argv)
-        if args.suite:
-            return _run_suite(args)
-        kwargs = _kwargs_from_args(args)
-        model = kwargs.pop("model")
-        if args.dry_run:
-            print(runner.plan(model, **{k: v for k, v in kwargs.items() if k != "progress"}).text)
-            return 0
-        record = runner.run(model, **kwargs)
-        if record is None:
-            print("this shard is finished; the record is written once every shard is (see the log above)")
-            return 0
+    return run_cli("zoo-eval", lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> int:
+    if argv[:1] == ["merge"]:
+        args = _merge_parser().parse_args(argv[1:])
+        record = runner.merge(args.run_dir, results_dir=args.results_dir, device=args.device)
+        results_dir = args.results_dir or runner.invocation_of(args.run_dir)["results_dir"]
         print(_summary(record))
-        print(f"record: {Path(kwargs.get('results_dir') or 'results') / record.relative_path()}")
+        print(f"record: {Path(results_dir) / record.relative_path()}")
         return 0
-    except ZooError as exc:
-        print(f"zoo-eval: error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # argparse: usage errors exit 2 already; --help exits 0
-        return int(exc.code) if isinstance(exc.code, int) else 2
+    args = _run_parser().parse_args(argv)
+    if args.slurm:
+        return _submit_slurm(args, argv)
+    if args.suite:
+        return _run_suite(args)
+    kwargs = _kwargs_from_args(args)
+    model = kwargs.pop("model")
+    if args.dry_run:
+        print(runner.plan(model, **{k: v for k, v in kwargs.items() if k != "progress"}).text)
+        return 0
+    record = runner.run(model, **kwargs)
+    if record is None:
+        print("this shard is finished; the record is written once every shard is (see the log above)")
+        return 0
+    print(_summary(record))
+    print(f"record: {Path(kwargs.get('results_dir') or 'results') / record.relative_path()}")
+    return 0

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from zoo.errors import BadInputError, ZooError
+from zoo.errors import BadInputError, run_cli
 from zoo.fileio import atomic_write_text
 from zoo.registry import THREATS, parse_eps
 
@@ -193,15 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body() -> int:
         args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # argparse already printed usage / help
-        return int(exc.code or 0)
-    try:
         return args.handler(args)
-    except ZooError as exc:
-        print(f"zoo-report: error: {exc}", file=sys.stderr)
-        return 2
+
+    return run_cli("zoo-report", body)
 
 
 if __name__ == "__main__":

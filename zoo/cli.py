@@ -17,21 +17,18 @@ import json
 import sys
 
 from . import registry
-from .errors import ZooError
+from .errors import run_cli
 from .registry import DATASETS, THREATS, ModelInfo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
-        return int(exc.code or 0)
-    try:
+    args = argparse.Namespace(command=None)
+
+    def body() -> int:
+        build_parser().parse_args(argv, namespace=args)
         return args.run(args)
-    except ZooError as exc:
-        print(f"zoo {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+
+    return run_cli(lambda: f"zoo {args.command}", body)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,11 @@
 """One error hierarchy: every failure a user can fix is a ZooError carrying the fix.
 
-The CLIs turn a ZooError into its message and exit code 2; anything else is a bug and keeps its traceback.
+The CLIs turn a ZooError into its message and exit code 2 (``run_cli``); anything else is a bug and keeps
+its traceback.
 """
+
+import sys
+from collections.abc import Callable
 
 
 class ZooError(Exception):
@@ -48,3 +52,18 @@ class BadInputError(ZooError, ValueError):
     """Invalid user input (CLI flags, data files, model outputs) detected before any work is done."""
 
     __str__ = Exception.__str__
+
+
+def run_cli(prog: str | Callable[[], str], body: Callable[[], int]) -> int:
+    """Run a console command's body: a ZooError becomes one message on stderr and exit code 2.
+
+    argparse's own exits pass through (0 for --help, 2 for a usage error it has already printed).
+    ``prog`` may be a callable so the message can name a subcommand parsed inside ``body``.
+    """
+    try:
+        return body()
+    except ZooError as exc:
+        print(f"{prog() if callable(prog) else prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
