@@ -90,9 +90,9 @@ class ReferenceEngine:
 
         self.version = pyautoattack.__version__
         self.seed = int(seed)
-        self._aa = pyautoattack.AutoAttack(model, attacks=list(attacks) if version == "custom" else None,
+        self.autoattack = pyautoattack.AutoAttack(model, attacks=list(attacks) if version == "custom" else None,
                                            device=device, eps=eps, norm=norm, seed=self.seed, version=version)
-        self.attacks = tuple(self._aa.attacks_to_run)
+        self.attacks = tuple(self.autoattack.attacks_to_run)
 
     @staticmethod
     def attacks_for(version: str, norm: str) -> list[str]:
@@ -104,9 +104,9 @@ class ReferenceEngine:
         aa = pyautoattack.AutoAttack(nn.Identity(), eps=1.0, norm=norm, seed=0, version=version)
         return list(aa.attacks_to_run)
 
-    def _configure(self, attack: str):
+    def configured(self, attack: str):
         """The reference loop's per-batch set-up for ``attack``; returns the object whose perturb runs it."""
-        aa, seed = self._aa, self._aa.get_seed()
+        aa, seed = self.autoattack, self.autoattack.get_seed()
         if attack in ("apgd-ce", "apgd-dlr"):
             aa.apgd.loss = "ce" if attack == "apgd-ce" else "dlr"
             aa.apgd.seed = seed
@@ -129,16 +129,16 @@ class ReferenceEngine:
         raise BadInputError(f"unknown attack {attack!r}", hint=f"use some of {', '.join(KNOWN_ATTACKS)}")
 
     def attack_batch(self, attack: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._configure(attack).perturb(x, y)
+        return self.configured(attack).perturb(x, y)
 
     def replay(self, done: Sequence[str]) -> None:
         for attack in done:
-            self._configure(attack)
+            self.configured(attack)
 
     def preflight(self, x: torch.Tensor, y: torch.Tensor) -> None:
         from pyautoattack import checks
 
-        aa = self._aa
+        aa = self.autoattack
         forward = aa.get_logits
         if aa.version != "rand":
             checks.check_randomized(forward, x, y, bs=len(x), logger=aa.logger)
@@ -150,10 +150,10 @@ class ReferenceEngine:
     def finish(self, accuracy_by_stage: dict[str, float]) -> None:
         from pyautoattack import checks
 
-        checks.check_square_sr(accuracy_by_stage, logger=self._aa.logger)
+        checks.check_square_sr(accuracy_by_stage, logger=self.autoattack.logger)
 
     def cost_per_point(self, attack: str, num_classes: int) -> tuple[int, int]:
-        aa = self._aa
+        aa = self.autoattack
         if attack in ("apgd-ce", "apgd-dlr", "apgd-t"):
             a = aa.apgd_targeted if attack == "apgd-t" else aa.apgd
             steps = a.n_iter + (3 if a.use_largereps else 1)  # L1 runs three eps phases, +1 start each

@@ -242,7 +242,7 @@ class NativeEngine:
         norm = NORMS.get(norm, norm)  # accept the threat spelling (linf) as well as AutoAttack's (Linf)
         self.reference = ReferenceEngine(model, norm=norm, eps=eps, version=version, attacks=attacks,
                                          seed=self.seed, device=self.device)
-        self.autoattack = self.reference._aa
+        self.autoattack = self.reference.autoattack
         self.norm = self.autoattack.norm
         self.eps = float(eps)
         self.attacks = self.reference.attacks
@@ -314,7 +314,7 @@ class NativeEngine:
     def _run_native(self, attack: str, calls: ModelCalls, x: Tensor, y: Tensor, layout: ReferenceBatches) -> Tensor:
         from . import native_apgd, native_fab, native_square
 
-        self.reference._configure(attack)  # keep the reference objects' state in step (e.g. fab.n_restarts)
+        self.reference.configured(attack)  # keep the reference objects' state in step (e.g. fab.n_restarts)
         aa = self.autoattack
         if attack in ("apgd-ce", "apgd-dlr"):
             settings = native_apgd.ApgdSettings.from_reference(aa.apgd)

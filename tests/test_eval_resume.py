@@ -176,9 +176,9 @@ def test_replay_restores_attack_settings_changed_by_earlier_stages():
     engine = ReferenceEngine(AttackView(h.TinyCNN()), norm="Linf", eps=0.01, version="plus", attacks=None, seed=0,
                              device="cpu")
     assert engine.attacks == ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
-    assert engine._aa.fab.n_restarts == 5
+    assert engine.autoattack.fab.n_restarts == 5
     engine.replay(["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"])
-    assert (engine._aa.fab.n_restarts, engine._aa.fab.targeted, engine._aa.apgd.loss) == (1, True, "dlr")
+    assert (engine.autoattack.fab.n_restarts, engine.autoattack.fab.targeted, engine.autoattack.apgd.loss) == (1, True, "dlr")
 
 
 def test_cli_resume_uses_saved_invocation_and_refuses_other_settings(tmp_path, monkeypatch, capsys):
