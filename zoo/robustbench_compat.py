@@ -10,7 +10,7 @@ import importlib
 import importlib.util
 import sys
 
-from .errors import ZooError
+from .errors import DownloadError, ZooError
 
 _THREATS = {"linf": "Linf", "l2": "L2", "corruptions": "corruptions"}
 
@@ -43,7 +43,13 @@ def is_robustbench_name(name: str, dataset: str, threat: str) -> bool:
 
 def load(name: str, dataset: str, threat: str, device=None):
     robustbench = import_robustbench()
-    model = robustbench.utils.load_model(model_name=name, dataset=dataset, threat_model=_THREATS.get(threat, threat))
+    try:
+        model = robustbench.utils.load_model(model_name=name, dataset=dataset,
+                                             threat_model=_THREATS.get(threat, threat))
+    except Exception as exc:  # RobustBench raises requests/gdown/OS errors of many kinds when a download fails
+        raise DownloadError(f"RobustBench could not load {name} ({type(exc).__name__}: {exc})",
+                            hint="check the network, or download the weights where RobustBench can and copy its "
+                                 "models/ folder here") from None
     if device is not None:
         model = model.to(device)
     return model.eval()
