@@ -15,12 +15,6 @@ from zoo.errors import BadInputError
 from zoo.evaluate import cli, plan, run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with h.one_thread():
-        yield
-
-
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     """Tiny registry model + checkpoint + 6 images it classifies correctly; cache and results in tmp."""

@@ -13,18 +13,6 @@ from zoo.evaluate.record import PerExample, per_example_path
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with h.one_thread():
-        yield
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    x, y = h.synthetic_images(8, seed=2)
-    return h.write_npz(tmp_path / "d.npz", x, y)
-
-
 def _oom_above(limit, monkeypatch):
     original = ReferenceEngine.attack_batch
 
@@ -36,19 +24,19 @@ def _oom_above(limit, monkeypatch):
     monkeypatch.setattr(ReferenceEngine, "attack_batch", attack_batch)
 
 
-def test_out_of_memory_halves_an_automatic_batch_size_and_starts_a_new_run(tmp_path, data_file, monkeypatch):
+def test_out_of_memory_halves_an_automatic_batch_size_and_starts_a_new_run(tmp_path, synthetic_data_file, monkeypatch):
     monkeypatch.setenv("SCORE_ZOO_CACHE", str(tmp_path / "cache"))
     _oom_above(4, monkeypatch)
-    record = run(h.train_tiny_cnn(), data=data_file, eps=h.TINY_EPS, version="custom", attacks=["apgd-ce"],
+    record = run(h.train_tiny_cnn(), data=synthetic_data_file, eps=h.TINY_EPS, version="custom", attacks=["apgd-ce"],
                  device="cpu", results_dir=tmp_path / "results", model_label="tiny", progress=False)
     assert record.batch_size == 3   # 250 -> 125 -> 62 -> 31 -> 15 -> 7 -> 3: the first that fits
     assert len(list((tmp_path / "cache" / "runs").iterdir())) == 7   # B is part of the configuration
 
 
-def test_out_of_memory_with_a_chosen_batch_size_says_what_to_pass(tmp_path, data_file, monkeypatch):
+def test_out_of_memory_with_a_chosen_batch_size_says_what_to_pass(tmp_path, synthetic_data_file, monkeypatch):
     _oom_above(4, monkeypatch)
     with pytest.raises(ZooError, match="ran out of memory with batch size 8") as info:
-        run(h.train_tiny_cnn(), data=data_file, eps=h.TINY_EPS, version="custom", attacks=["apgd-ce"],
+        run(h.train_tiny_cnn(), data=synthetic_data_file, eps=h.TINY_EPS, version="custom", attacks=["apgd-ce"],
             batch_size=8, device="cpu", results_dir=tmp_path / "results", run_dir=tmp_path / "run",
             model_label="tiny", progress=False)
     assert "--batch-size 4" in str(info.value)
@@ -56,8 +44,8 @@ def test_out_of_memory_with_a_chosen_batch_size_says_what_to_pass(tmp_path, data
 
 # ---------------------------------------------------------------- CUDA only
 
-def _gpu_run(tmp_path, data_file, name, **kw):
-    args = dict(data=data_file, eps=h.TINY_EPS, version="custom", attacks=["apgd-ce", "apgd-t"], device="cuda",
+def _gpu_run(tmp_path, synthetic_data_file, name, **kw):
+    args = dict(data=synthetic_data_file, eps=h.TINY_EPS, version="custom", attacks=["apgd-ce", "apgd-t"], device="cuda",
                 results_dir=tmp_path / f"results-{name}", run_dir=tmp_path / f"run-{name}", model_label="tiny",
                 progress=False)
     args.update(kw)
@@ -77,9 +65,9 @@ def deterministic_cudnn():
 
 
 @needs_cuda
-def test_gpu_channels_last_matches_the_reference_on_the_same_model(tmp_path, data_file, deterministic_cudnn):
+def test_gpu_channels_last_matches_the_reference_on_the_same_model(tmp_path, synthetic_data_file, deterministic_cudnn):
     x, y = h.synthetic_images(8, seed=2)
-    model, record, pe = _gpu_run(tmp_path, data_file, "cl", batch_size=4)
+    model, record, pe = _gpu_run(tmp_path, synthetic_data_file, "cl", batch_size=4)
     assert record.extra["channels_last"] is True and record.device.startswith("cuda:0 (")
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert record.extra["tf32"] == {"matmul": False, "cudnn": False}
@@ -92,17 +80,17 @@ def test_gpu_channels_last_matches_the_reference_on_the_same_model(tmp_path, dat
 
 
 @needs_cuda
-def test_gpu_automatic_batch_size_is_deterministic(tmp_path, data_file):
-    _, first, _ = _gpu_run(tmp_path, data_file, "a", attacks=["apgd-ce"])
-    _, second, _ = _gpu_run(tmp_path, data_file, "b", attacks=["apgd-ce"])
+def test_gpu_automatic_batch_size_is_deterministic(tmp_path, synthetic_data_file):
+    _, first, _ = _gpu_run(tmp_path, synthetic_data_file, "a", attacks=["apgd-ce"])
+    _, second, _ = _gpu_run(tmp_path, synthetic_data_file, "b", attacks=["apgd-ce"])
     assert first.batch_size == second.batch_size == 8   # min(n, 1024) fits easily
 
 
 @needs_cuda
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
-def test_gpu_reduced_precisions_are_recorded_and_checked_in_fp32(tmp_path, data_file, precision):
+def test_gpu_reduced_precisions_are_recorded_and_checked_in_fp32(tmp_path, synthetic_data_file, precision):
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    _, record, pe = _gpu_run(tmp_path, data_file, precision, batch_size=4, precision=precision)
+    _, record, pe = _gpu_run(tmp_path, synthetic_data_file, precision, batch_size=4, precision=precision)
     assert record.precision == precision
     assert record.extra["tf32"] == {"matmul": precision == "tf32", "cudnn": precision == "tf32"}
     assert len(record.extra["fp32_rejected_successes"]) == 2

@@ -9,12 +9,6 @@ from zoo.evaluate import run
 from zoo.evaluate.record import PerExample, RunRecord, per_example_path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with h.one_thread():
-        yield
-
-
 def _run(model, data_file, tmp_path, name="r", **kwargs):
     kwargs.setdefault("device", "cpu")
     record = run(model, data=data_file, results_dir=tmp_path / f"results-{name}", run_dir=tmp_path / f"run-{name}",

@@ -11,20 +11,8 @@ from zoo.evaluate.record import AdversarialCheckError, PerExample, check_adversa
 from zoo.evaluate.state import ShardState
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with h.one_thread():
-        yield
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    x, y = h.synthetic_images(8, seed=2)
-    return h.write_npz(tmp_path / "d.npz", x, y)
-
-
-def _run(tmp_path, data_file, **kw):
-    args = dict(data=data_file, eps=h.TINY_EPS, version="custom", attacks=["apgd-ce"], batch_size=4, device="cpu",
+def _run(tmp_path, synthetic_data_file, **kw):
+    args = dict(data=synthetic_data_file, eps=h.TINY_EPS, version="custom", attacks=["apgd-ce"], batch_size=4, device="cpu",
                 results_dir=tmp_path / "results", run_dir=tmp_path / "run", model_label="tiny", progress=False)
     args.update(kw)
     return run(h.train_tiny_cnn(), **args)
@@ -44,22 +32,22 @@ class _NaNEngine(ReferenceEngine):
         return adv
 
 
-def test_engine_leaving_the_eps_ball_is_caught(tmp_path, data_file, monkeypatch):
+def test_engine_leaving_the_eps_ball_is_caught(tmp_path, synthetic_data_file, monkeypatch):
     monkeypatch.setitem(ENGINES, "far", _FarEngine)
     with pytest.raises(AdversarialCheckError, match=r"exceed the Linf budget 0.008 \(largest norm 0.4"):
-        _run(tmp_path, data_file, engine="far")
+        _run(tmp_path, synthetic_data_file, engine="far")
     assert not (tmp_path / "results").exists()
 
 
-def test_engine_returning_nan_is_caught(tmp_path, data_file, monkeypatch):
+def test_engine_returning_nan_is_caught(tmp_path, synthetic_data_file, monkeypatch):
     monkeypatch.setitem(ENGINES, "nan", _NaNEngine)
     with pytest.raises(AdversarialCheckError, match=r"contain NaN/inf"):
-        _run(tmp_path, data_file, engine="nan")
+        _run(tmp_path, synthetic_data_file, engine="nan")
     assert not (tmp_path / "results").exists()
 
 
-def test_flags_an_fp32_forward_does_not_reproduce_are_caught(tmp_path, data_file):
-    assert _run(tmp_path, data_file, eps=0.001, shard=(0, 2)) is None
+def test_flags_an_fp32_forward_does_not_reproduce_are_caught(tmp_path, synthetic_data_file):
+    assert _run(tmp_path, synthetic_data_file, eps=0.001, shard=(0, 2)) is None
     path = tmp_path / "run" / "shard-000-of-002.npz"
     state = ShardState.load(path)
     robust = np.flatnonzero(state.robust)
@@ -68,11 +56,11 @@ def test_flags_an_fp32_forward_does_not_reproduce_are_caught(tmp_path, data_file
     state.robust[p] = False            # claim it was fooled, with its clean image as the "adversarial" one
     state.broken_by[p] = 0
     state.adv_pred[p] = (state.clean_pred[p] + 1) % 10
-    with np.load(data_file) as d:
+    with np.load(synthetic_data_file) as d:
         state.x_adv[p] = d["x"][state.positions[p]]
     state.save(path)
     with pytest.raises(AdversarialCheckError, match=r"does not reproduce the robust flags of 1 example"):
-        _run(tmp_path, data_file, eps=0.001, shard=(1, 2))
+        _run(tmp_path, synthetic_data_file, eps=0.001, shard=(1, 2))
     assert not (tmp_path / "results").exists()
 
 

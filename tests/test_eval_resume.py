@@ -18,12 +18,6 @@ from zoo.evaluate.state import ShardState
 ATTACKS = ["apgd-ce", "apgd-t"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with h.one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")

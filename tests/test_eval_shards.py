@@ -15,12 +15,6 @@ from zoo.evaluate.sharding import parse_shard, shard_bounds
 ATTACKS = ["apgd-ce", "apgd-t"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with h.one_thread():
-        yield
-
-
 @pytest.mark.parametrize("n,k", [(10, 1), (10, 3), (10000, 7), (5, 5), (24, 2)])
 def test_shard_bounds_are_contiguous_balanced_and_complete(n, k):
     bounds = shard_bounds(n, k)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from test_native_support import (assert_flags_match, assert_merged_matches_separate, cnn_a,  # noqa: F401
-                                 correct_points, fooled, make_engine, make_reference, one_thread,
+                                 correct_points, fooled, make_engine, make_reference,
                                  reference_perturb, trained_cnn)
 from zoo.evaluate.native_engine import NativeOptions
 

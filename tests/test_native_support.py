@@ -37,15 +37,6 @@ class Normalized(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The attacks are small; on shared CPUs a second thread only adds contention (6x slower measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def images(n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Real CIFAR-10 test images (contiguous NCHW in [0, 1]) or, without ../shared, fixed synthetic ones."""
     if CIFAR.is_file():
