@@ -195,11 +195,15 @@ def engine_class(name: str):
     return entry
 
 
-def make_engine(name: str, model: nn.Module, *, precision: str = "fp32", **kwargs) -> Engine:
-    """Build engine ``name``; ``precision`` is passed on to engines that take one (autocast inside)."""
+def make_engine(name: str, model: nn.Module, *, precision: str = "fp32", max_device_batch: int | None = None,
+                **kwargs) -> Engine:
+    """Build engine ``name``; ``precision`` and ``max_device_batch`` go to the engines that take them."""
     cls = engine_class(name)
-    if "precision" in inspect.signature(cls).parameters:
+    accepted = inspect.signature(cls).parameters
+    if "precision" in accepted:
         kwargs["precision"] = "bf16" if precision == "bf16" else "fp32"  # tf32 is a global switch, not autocast
+    if "max_device_batch" in accepted:
+        kwargs["max_device_batch"] = max_device_batch
     return cls(model, **kwargs)
 
 

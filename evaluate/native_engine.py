@@ -20,6 +20,7 @@ and listed in ``delegated_attacks``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -228,7 +229,8 @@ class NativeEngine:
 
     def __init__(self, model: nn.Module, *, norm: str, eps: float, seed: int, version: str = "standard",
                  device: torch.device | str | None = None, precision: str = "fp32",
-                 attacks: Sequence[str] | None = None, options: NativeOptions | None = None):
+                 attacks: Sequence[str] | None = None, options: NativeOptions | None = None,
+                 max_device_batch: int | None = None):
         if precision not in PRECISIONS:
             raise BadInputError(f"unknown precision {precision!r}", hint=f"use one of {', '.join(PRECISIONS)}")
         if device is None:
@@ -239,6 +241,8 @@ class NativeEngine:
         self.seed = int(seed)
         self.precision = precision
         self.options = options or NativeOptions()
+        if max_device_batch is not None:  # the runner's GPU memory probe caps merged batches
+            self.options = dataclasses.replace(self.options, max_device_batch=max_device_batch)
         norm = NORMS.get(norm, norm)  # accept the threat spelling (linf) as well as AutoAttack's (Linf)
         self.reference = ReferenceEngine(model, norm=norm, eps=eps, version=version, attacks=attacks,
                                          seed=self.seed, device=self.device)

@@ -61,6 +61,7 @@ class Setup:
     seed: int
     batch_size: int
     batch_auto: bool
+    device_batch: int | None         # most points one forward+backward may hold on this GPU (None: no limit)
     precision: str
     device: torch.device
     channels_last: bool
@@ -346,9 +347,11 @@ def prepare(model_or_name: Any, *, dataset: str, threat: str, eps, n_ex, data, d
     num_classes = _check_outputs(model, evaldata, dev)
     data_mod.check_labels(evaldata, num_classes)
     batch_auto = batch_size is None
+    # Engines that merge reference batches (native) must not exceed what one pass can hold on the GPU.
+    device_batch = None if dev.type != "cuda" else _choose_batch_size(
+        model, tuple(evaldata.x.shape[1:]), dev, len(evaldata), precision)
     if batch_size is None:
-        batch_size = CPU_BATCH_SIZE if dev.type != "cuda" else _choose_batch_size(
-            model, tuple(evaldata.x.shape[1:]), dev, len(evaldata), precision)
+        batch_size = CPU_BATCH_SIZE if device_batch is None else device_batch
     invocation = {
         "model": label if kind == "module" else model_or_name, "model_kind": kind, "model_dataset": model_dataset,
         "checkpoint": None if checkpoint is None else str(Path(checkpoint).expanduser().resolve()),
@@ -364,7 +367,7 @@ def prepare(model_or_name: Any, *, dataset: str, threat: str, eps, n_ex, data, d
     setup = Setup(model=model, label=label, model_kind=kind, model_dataset=model_dataset, checkpoint=ckpt,
                   data=evaldata, num_classes=num_classes, threat=threat, norm=norm, eps_text=eps_text, eps=eps_value,
                   version=version, attacks=attack_list, seed=int(seed), batch_size=int(batch_size),
-                  batch_auto=batch_auto, precision=precision, device=dev, channels_last=bool(channels_last),
+                  batch_auto=batch_auto, device_batch=device_batch, precision=precision, device=dev, channels_last=bool(channels_last),
                   engine_name=engine, engine_version=_engine_version(engine_cls), results_dir=results_dir,
                   run_dir_arg=None if run_dir is None else Path(run_dir).expanduser(), shard=shard, dist=dist,
                   chunk_batches=int(chunk_batches), progress=progress, invocation=invocation, reported=reported)

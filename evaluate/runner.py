@@ -89,7 +89,8 @@ def _run_shard(setup: Setup, state: ShardState, path: Path) -> None:
     n = len(state.positions)
     view = AttackView(setup.model, torch.bfloat16 if setup.precision == "bf16" else None)
     engine = make_engine(setup.engine_name, view, norm=setup.norm, eps=setup.eps, version=setup.version,
-                         attacks=list(setup.attacks), seed=setup.seed, device=dev, precision=setup.precision)
+                         attacks=list(setup.attacks), seed=setup.seed, device=dev, precision=setup.precision,
+                         max_device_batch=setup.device_batch)
     if tuple(engine.attacks) != setup.attacks:
         raise ZooError(f"engine {setup.engine_name} runs {list(engine.attacks)}, expected {list(setup.attacks)}")
     show = setup.progress and setup.is_rank0

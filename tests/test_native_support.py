@@ -244,3 +244,13 @@ def test_parameters_are_restored_and_get_no_gradients():
         engine.attack_batch(attack, x, y)
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
     assert engine.counters["apgd-ce"]["backward"] > 0
+
+
+def test_runner_memory_cap_limits_merged_device_batches():
+    from zoo.evaluate.engine import make_engine
+
+    engine = make_engine("native", trained_cnn(), norm="Linf", eps=8 / 255, version="standard", attacks=None,
+                         seed=0, device="cpu", max_device_batch=48)
+    assert engine.options.max_device_batch == 48
+    assert make_engine("native", trained_cnn(), norm="Linf", eps=8 / 255, version="standard", attacks=None,
+                       seed=0, device="cpu").options.max_device_batch is None
