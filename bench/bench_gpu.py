@@ -95,13 +95,9 @@ class Budget:
 
 
 def fmt_time(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"
+    from zoo.evaluate.estimate import fmt_seconds  # after main() has put the checkout on the import path
+
+    return "-" if seconds is None else fmt_seconds(seconds)
 
 
 # ---------------------------------------------------------------- sizes
@@ -432,7 +428,7 @@ def log_row(log: Log, row: Row) -> None:
 def merged_probe(run: ModelRun, model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                  budget: Budget, log: Log) -> None:
     """APGD-CE of the native engine on MERGED_BATCHES reference batches at once, as zoo-eval's runner hands
-    them over (chunk_batches, no device-batch cap): does it fit in memory, and is it faster per point?"""
+    them over (chunk_batches), with the runner's device-batch cap lifted: would it fit, and is it faster per point?"""
     from zoo.evaluate.prepare import DEFAULT_CHUNK_BATCHES
 
     n = DEFAULT_CHUNK_BATCHES * run.batch
