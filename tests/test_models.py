@@ -73,3 +73,20 @@ def test_input_gradients_flow_and_channels_last_agrees():
 def test_rejects_impossible_depth():
     with pytest.raises(ValueError, match="6k\\+4"):
         WideResNet(depth=12)
+
+
+@pytest.mark.parametrize("name", ["score-wrn-28-10", "score-wrn-70-16"])
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_every_registry_entry_has_robustbench_keys_and_shapes(dm_module, name, dataset):
+    """The full-size networks, built on the meta device (no memory): same state dict layout as RobustBench's."""
+    model = zoo.info(name)
+    variant = model.variant(dataset, "linf")
+    with torch.device("meta"):
+        ours = build_model(model, variant)
+        theirs = dm_module.DMWideResNet(num_classes=variant.num_classes, depth=model.architecture.depth,
+                                        width=model.architecture.width, activation_fn=dm_module.Swish,
+                                        mean=variant.mean, std=variant.std)
+    ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert ours_shapes == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert list(ours_shapes) == list(theirs.state_dict())
+    assert ours_shapes["logits.weight"] == (variant.num_classes, 64 * model.architecture.width)
