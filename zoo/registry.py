@@ -10,8 +10,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import functools
+import math
 from dataclasses import dataclass, field
-from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,14 @@ def parse_eps(value: str | float | int) -> float:
     """'8/255' -> 0.0313...; plain numbers pass through. Raises ValueError on anything else."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    text = str(value).strip()
+    numerator, slash, denominator = str(value).strip().partition("/")
     try:
-        return float(Fraction(text))
+        result = float(numerator) / float(denominator) if slash else float(numerator)
     except (ValueError, ZeroDivisionError) as exc:
         raise ValueError(f"cannot parse eps {value!r}: use a number or a fraction like 8/255") from exc
+    if not math.isfinite(result):
+        raise ValueError(f"cannot parse eps {value!r}: use a finite number or a fraction like 8/255")
+    return result
 
 
 @dataclass(frozen=True)
