@@ -122,3 +122,4 @@ def test_no_state_dict_inside(tmp_path):
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, path)
     with pytest.raises(CorruptCheckpointError, match="holds no state dict"):
         read_state_dict(path)
+
