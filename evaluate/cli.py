@@ -102,7 +102,7 @@ def _kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
                 "checkpoint": inv["checkpoint"], "precision": inv["precision"], "batch_size": inv["batch_size"],
                 "seed": inv["seed"], "version": inv["version"], "attacks": inv["attacks"], "engine": inv["engine"],
                 "results_dir": inv["results_dir"], "channels_last": inv["channels_last"],
-                "model_label": inv.get("model_label")}
+                "model_label": inv.get("model_label"), "device": inv.get("device")}
         if args.run_dir is not None and Path(args.run_dir).resolve() != Path(args.resume).resolve():
             raise BadInputError("--run-dir and --resume name different folders", hint="pass only --resume RUN_DIR")
         given = {**base, **given, "run_dir": args.resume}

@@ -22,7 +22,7 @@ from torch import nn
 
 import zoo
 from zoo import constants, registry
-from zoo.errors import BadInputError, ZooError
+from zoo.errors import BadInputError, UnknownModelError, ZooError
 
 from . import data as data_mod
 from .engine import KNOWN_ATTACKS, NORMS, VERSIONS, AttackView, engine_class
@@ -167,12 +167,39 @@ def _check_writable(folder: Path) -> None:
 
 def _weights_sha256(model: nn.Module) -> str:
     """A fingerprint of the weights, for modules that did not come from a checkpoint file."""
+    return _tensors_sha256(model.state_dict().items())
+
+
+def _module_sha256(model: nn.Module) -> str:
+    """A fingerprint of what the weights do not fix: the module's structure (its repr: layers, activations)
+    and every buffer, non-persistent ones (e.g. normalisation mean/std) included."""
+    digest = hashlib.sha256(repr(model).encode())
+    digest.update(_tensors_sha256(model.named_buffers()).encode())
+    return digest.hexdigest()
+
+
+def _tensors_sha256(named: Any) -> str:
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(named, key=lambda item: item[0]):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def _check_model_cheaply(model_or_name: Any, model_dataset: str, threat: str, checkpoint: str | Path | None) -> None:
+    """Unknown names, variants and missing checkpoint files fail before any data or weights are downloaded."""
+    if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
+        raise BadInputError(f"checkpoint file {checkpoint} does not exist",
+                            hint="pass the path of a downloaded .pt/.pth/.safetensors file")
+    if not isinstance(model_or_name, str):
+        return
+    try:
+        registry.info(model_or_name).variant(model_dataset, threat)
+    except UnknownModelError:
+        from zoo import robustbench_compat
+        if checkpoint is not None or not robustbench_compat.is_robustbench_name(model_or_name, model_dataset, threat):
+            raise
 
 
 def _load_model(model_or_name: Any, model_dataset: str, threat: str, checkpoint: str | Path | None,
@@ -209,6 +236,7 @@ def _load_model(model_or_name: Any, model_dataset: str, threat: str, checkpoint:
     else:
         info = {"source": "in-memory module", "sha256": None, "path": None}
     info["weights_sha256"] = _weights_sha256(model)
+    info["module_sha256"] = _module_sha256(model)
     return model, label, kind, info, reported
 
 
@@ -338,6 +366,7 @@ def prepare(model_or_name: Any, *, dataset: str, threat: str, eps, n_ex, data, d
             default_eps = registry.info(model_or_name).variant(model_dataset, threat).eps
     eps_text, eps_value = _parse_eps(eps, default_eps)
 
+    _check_model_cheaply(model_or_name, model_dataset, threat, checkpoint)
     evaldata = data_mod.load(dataset, n_ex, data, data_dir)
     shard_bounds(len(evaldata), shard[1])  # refuses more shards than examples before loading the model
     model, label, kind, ckpt, reported = _load_model(model_or_name, model_dataset, threat, checkpoint, model_label)
@@ -360,7 +389,7 @@ def prepare(model_or_name: Any, *, dataset: str, threat: str, eps, n_ex, data, d
         "data_dir": None if data_dir is None else str(Path(data_dir).expanduser().resolve()),
         "version": version, "attacks": list(attack_list) if version == "custom" else None, "seed": int(seed),
         "precision": precision, "engine": engine, "results_dir": str(results_dir.resolve()),
-        "channels_last": bool(channels_last), "model_label": model_label,
+        "channels_last": bool(channels_last), "model_label": model_label, "device": dev.type,
     }
     if progress is None:
         progress = True
@@ -405,7 +434,8 @@ def configure(setup: Setup) -> None:
     setup.config = {
         "model": setup.label,
         "checkpoint_sha256": setup.checkpoint.get("sha256") or setup.checkpoint["weights_sha256"],
-        "weights_sha256": setup.checkpoint["weights_sha256"],
+        "weights_sha256": setup.checkpoint["weights_sha256"], "module_sha256": setup.checkpoint["module_sha256"],
+        "shards": setup.shard[1],
         "dataset": setup.data.dataset, "data_sha256": setup.data.content_sha256,
         "indices": list(setup.data.indices), "eps": setup.eps, "norm": setup.norm, "version": setup.version,
         "attacks": list(setup.attacks), "seed": setup.seed, "batch_size": setup.batch_size,

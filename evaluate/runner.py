@@ -189,39 +189,50 @@ def _record_batch(setup: Setup, state: ShardState, attack: str, stage: int, pos:
 
 
 def _verify_predictions(setup: Setup, per_example: PerExample) -> list[dict[str, Any]]:
-    """An fp32 forward on the final adversarial images must reproduce the robust flags.
+    """fp32 forwards must reproduce the clean-correct flags on the clean images and the robust flags on the
+    final adversarial images (so a stale run folder or a changed model can never pass as this run).
 
     Returns the near-ties (|logit margin| below TIE_TOLERANCE, where the batch composition alone can flip
     the label); any other disagreement raises AdversarialCheckError.
     """
-    dev, B = setup.device, setup.batch_size
-    x = setup.data.x.clone()
+    x_adv = setup.data.x.clone()
     if len(per_example.adv_positions):
-        x[torch.from_numpy(per_example.adv_positions)] = torch.from_numpy(per_example.x_adv)
-    y = setup.data.y
+        x_adv[torch.from_numpy(per_example.adv_positions)] = torch.from_numpy(per_example.x_adv)
+    bad, ties = [], []
+    for what, images, claimed in (("clean", setup.data.x, per_example.clean_correct),
+                                  ("robust", x_adv, per_example.robust)):
+        found_bad, found_ties = _disagreements(setup, images, torch.from_numpy(claimed), per_example.indices)
+        bad += [dict(item, flag=what) for item in found_bad]
+        ties += [dict(item, flag=what) for item in found_ties]
+    if bad:
+        raise AdversarialCheckError(
+            f"an fp32 forward pass does not reproduce the clean/robust flags of {len(bad)} example(s) "
+            f"(first: {bad[:3]})", hint="this is a bug in the attack engine, a non-deterministic model, or a run "
+                                        "folder of another model: no result was written")
+    if ties:
+        log.warning("%d example(s) sit on a decision tie (|margin| <= %g); their flags may depend on the batch: %s",
+                    len(ties), TIE_TOLERANCE, ties[:5])
+    return ties
+
+
+def _disagreements(setup: Setup, x: torch.Tensor, claimed: torch.Tensor, indices: np.ndarray
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(real disagreements, near-ties) between ``claimed`` correctness flags and an fp32 forward on ``x``."""
+    dev, B, y = setup.device, setup.batch_size, setup.data.y
     bad, ties = [], []
     with torch.no_grad(), strict_fp32(dev):
         for start in range(0, len(x), B):
             logits = setup.model(x[start:start + B].to(dev)).float().cpu()
             yb = y[start:start + B]
             correct = logits.argmax(dim=1) == yb
-            claimed = torch.from_numpy(per_example.robust[start:start + B])
-            for j in torch.nonzero(correct != claimed).flatten().tolist():
+            for j in torch.nonzero(correct != claimed[start:start + B]).flatten().tolist():
                 row = logits[j]
                 other = torch.cat([row[: yb[j]], row[yb[j] + 1:]]).max()
                 margin = float(row[yb[j]] - other)
                 scale = max(1.0, float(row.abs().max()))
-                item = {"position": start + j, "index": int(per_example.indices[start + j]), "margin": margin}
+                item = {"position": start + j, "index": int(indices[start + j]), "margin": margin}
                 (ties if abs(margin) <= TIE_TOLERANCE * scale else bad).append(item)
-    if bad:
-        raise AdversarialCheckError(
-            f"an fp32 forward pass does not reproduce the robust flags of {len(bad)} example(s) "
-            f"(first: {bad[:3]})", hint="this is a bug in the attack engine or a non-deterministic model: "
-                                        "no result was written")
-    if ties:
-        log.warning("%d example(s) sit on a decision tie (|margin| <= %g); their flags may depend on the batch: %s",
-                    len(ties), TIE_TOLERANCE, ties[:5])
-    return ties
+    return bad, ties
 
 
 def _device_name(device: torch.device) -> str:

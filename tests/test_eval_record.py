@@ -59,9 +59,43 @@ def test_flags_an_fp32_forward_does_not_reproduce_are_caught(tmp_path, synthetic
     with np.load(synthetic_data_file) as d:
         state.x_adv[p] = d["x"][state.positions[p]]
     state.save(path)
-    with pytest.raises(AdversarialCheckError, match=r"does not reproduce the robust flags of 1 example"):
+    with pytest.raises(AdversarialCheckError, match=r"does not reproduce the clean/robust flags of 1 example"
+                                                   r"\(s\) \(first: \[\{'position': \d+, 'index': \d+, 'margin': "
+                                                   r"[-\d.e]+, 'flag': 'robust'\}\]"):
         _run(tmp_path, synthetic_data_file, eps=0.001, shard=(1, 2))
     assert not (tmp_path / "results").exists()
+
+
+def test_clean_flags_an_fp32_forward_does_not_reproduce_are_caught(tmp_path, synthetic_data_file):
+    assert _run(tmp_path, synthetic_data_file, eps=0.001, shard=(0, 2)) is None
+    path = tmp_path / "run" / "shard-000-of-002.npz"
+    state = ShardState.load(path)
+    wrong = np.flatnonzero(~state.clean_correct)
+    assert len(wrong), "need a misclassified example to tamper with"
+    state.clean_correct[wrong[0]] = True      # claim a misclassified clean image was correct (and so robust)
+    state.robust[wrong[0]] = True
+    state.save(path)
+    with pytest.raises(AdversarialCheckError, match=r"'flag': 'clean'"):
+        _run(tmp_path, synthetic_data_file, eps=0.001, shard=(1, 2))
+    assert not (tmp_path / "results").exists()
+
+
+def test_same_weights_in_another_module_is_another_run(tmp_path):
+    """Normalisation buffers (non-persistent) and the layer structure are part of the configuration hash."""
+    from zoo.evaluate.prepare import prepare
+    from zoo.models import WideResNet
+
+    x, _ = h.synthetic_images(4, seed=1)
+    data = h.write_npz(tmp_path / "d.npz", x, torch.zeros(4, dtype=torch.long))
+    a = WideResNet(depth=10, width=1)
+    b = WideResNet(depth=10, width=1, activation="relu", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    b.load_state_dict(a.state_dict())
+    common = dict(dataset="cifar10", threat="linf", eps=None, n_ex=None, data=data, data_dir=None,
+                  version="custom", attacks=["apgd-ce"], seed=0, batch_size=4, device="cpu", precision="fp32",
+                  engine="reference", results_dir=tmp_path / "results", run_dir=None, checkpoint=None,
+                  shard=None, chunk_batches=1, channels_last=None, model_label="net", progress=False)
+    hashes = {prepare(m, **common).config_hash for m in (a, b)}
+    assert len(hashes) == 2
 
 
 def _per_example(x_adv, positions, n=3):

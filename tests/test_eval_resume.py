@@ -186,6 +186,7 @@ def test_cli_resume_uses_saved_invocation_and_refuses_other_settings(tmp_path, m
             str(run_dir), "--no-progress"]
     assert cli.main(argv) == 0
     first = capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine: the run still resumes on cpu
     assert cli.main(["--resume", str(run_dir)]) == 0
     assert capsys.readouterr().out == first
     assert cli.main(["--resume", str(run_dir), "--eps", "4/255"]) == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import warnings
 
 from .errors import DownloadError, ZooError
 
@@ -27,7 +28,9 @@ def import_robustbench():
         if importlib.util.find_spec("pyautoattack") is None:
             raise ZooError("RobustBench imports AutoAttack, which is not installed", hint="pip install pyautoattack")
         sys.modules["autoattack"] = importlib.import_module("pyautoattack")
-    return importlib.import_module("robustbench")
+    with warnings.catch_warnings():  # its imports warn about pkg_resources and torch.jit: noise for our users
+        warnings.simplefilter("ignore")
+        return importlib.import_module("robustbench")
 
 
 def is_robustbench_name(name: str, dataset: str, threat: str) -> bool:
