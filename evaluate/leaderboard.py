@@ -19,8 +19,8 @@ from pathlib import Path
 from zoo.errors import BadInputError, ZooError
 from zoo.registry import load_registry, resolve_name
 
-from .model_info import (FULL_TEST_SET, ROBUSTBENCH_THREAT, format_eps, model_info_files, read_model_info,
-                         same_eps)
+from .model_info import (FULL_TEST_SET, ROBUSTBENCH_THREAT, format_eps, is_partial, model_info_files,
+                         read_model_info, same_eps)
 from .record import RunRecord
 
 DATASET_LABEL = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
@@ -70,17 +70,29 @@ def canonical_model(name: str) -> str:
 
 def latest_runs(records: list[RunRecord], dataset: str, threat: str, eps_value: float,
                 version: str = "standard") -> dict[str, RunRecord]:
-    """The newest record per model for one dataset / threat / eps / AutoAttack version."""
+    """The newest record per model for one dataset / threat / eps / AutoAttack version; a full-test-set run
+    beats any newer subset run. Records of different custom data files are never put side by side."""
+    chosen = [r for r in records if (r.dataset, r.threat, r.version) == (dataset, threat, version)
+              and same_eps(r.eps_value, eps_value)]
+    files = {_data_identity(r) for r in chosen}
+    if dataset == "custom" and len(files) > 1:
+        raise BadInputError(f"custom-data records come from {len(files)} different data files "
+                            f"({', '.join(sorted(f[:12] for f in files))}); one table ranks one data set",
+                            hint="keep each data file's records in their own --results folder")
     latest: dict[str, RunRecord] = {}
-    for record in records:
-        if (record.dataset, record.threat, record.version) != (dataset, threat, version):
-            continue
-        if not same_eps(record.eps_value, eps_value):
-            continue
+    for record in chosen:
         model = canonical_model(record.model)
-        if model not in latest or _age_key(record) > _age_key(latest[model]):
+        if model not in latest or _preference(record) > _preference(latest[model]):
             latest[model] = record
     return latest
+
+
+def _data_identity(record: RunRecord) -> str:
+    return str(record.data.get("content_sha256") or record.data.get("sha256") or record.data.get("path"))
+
+
+def _preference(record: RunRecord) -> tuple[bool, datetime, str]:
+    return (not is_partial(record), *_age_key(record))
 
 
 def _age_key(record: RunRecord) -> tuple[datetime, str]:

@@ -154,6 +154,11 @@ class RunRecord:
             problems.append("eps must be positive")
         if self.complete and [s.attack for s in self.stages] != list(self.attacks)[: len(self.stages)]:
             problems.append("stages do not follow the attack order")
+        counts = [self.clean.correct] + [s.robust.correct for s in self.stages]
+        if any(later > earlier for earlier, later in zip(counts, counts[1:])):
+            problems.append("robust counts rise from one stage to the next")
+        if self.complete and self.stages and self.stages[-1].robust.correct != self.robust.correct:
+            problems.append("the last stage's robust count differs from the robust accuracy")
         if problems:
             raise BadInputError(f"{origin}: inconsistent record: " + "; ".join(problems))
 

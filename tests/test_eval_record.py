@@ -207,3 +207,18 @@ def test_record_schema_rejects_wrong_types(field, value, message):
     data[field] = value
     with pytest.raises(BadInputError, match=message):
         RunRecord.from_dict(data, origin="r.json")
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d["stages"][1]["robust"].update(correct=d["stages"][0]["robust"]["correct"] + 1), "counts rise"),
+    (lambda d: d["robust"].update(correct=d["robust"]["correct"] - 1), "last stage's robust count differs"),
+])
+def test_record_with_inconsistent_stage_counts_is_refused(mutate, message):
+    from test_report_support import make_record
+    from zoo.errors import BadInputError
+    from zoo.evaluate.record import RunRecord
+
+    data = make_record(n=100, clean=80, robust=50).to_dict()
+    mutate(data)
+    with pytest.raises(BadInputError, match=message):
+        RunRecord.from_dict(data, origin="r.json")

@@ -239,3 +239,28 @@ def test_latest_run_compares_times_across_spellings(tmp_path):
     make_record(clean=8855, robust=6090, created="2025-06-01T11:30:00+02:00", run_id="cest-earliest").write(tmp_path)
     board = lb.build_leaderboard("cifar10", "linf", results_dir=tmp_path)
     assert [e.source for e in board.entries] == ["score-zoo run naive-later"]
+
+
+def test_custom_data_from_different_files_is_never_ranked_together():
+    import dataclasses
+
+    from zoo.errors import BadInputError
+    from zoo.evaluate.leaderboard import latest_runs
+
+    a = dataclasses.replace(make_record(model="net-a", dataset="custom", n=100, clean=80, robust=50),
+                            data={"source": "file", "path": "a.npz", "content_sha256": "a" * 64})
+    b = dataclasses.replace(make_record(model="net-b", dataset="custom", n=100, clean=70, robust=40),
+                            data={"source": "file", "path": "b.npz", "content_sha256": "b" * 64})
+    assert set(latest_runs([a, dataclasses.replace(b, data=a.data)], "custom", "linf", 8 / 255)) == {"net-a", "net-b"}
+    with pytest.raises(BadInputError, match="2 different data files"):
+        latest_runs([a, b], "custom", "linf", 8 / 255)
+
+
+def test_a_full_run_beats_a_newer_subset_run():
+    from zoo.evaluate.leaderboard import latest_runs
+
+    full = make_record(n=10000, clean=8861, robust=6104, run_id="full", created="2025-01-01T00:00:00+00:00")
+    quick = make_record(n=100, clean=90, robust=60, run_id="quick", created="2025-06-01T00:00:00+00:00")
+    newer_full = make_record(n=10000, clean=8860, robust=6100, run_id="again", created="2025-07-01T00:00:00+00:00")
+    assert latest_runs([full, quick], "cifar10", "linf", 8 / 255)["score-wrn-28-10"].run_id == "full"
+    assert latest_runs([full, quick, newer_full], "cifar10", "linf", 8 / 255)["score-wrn-28-10"].run_id == "again"
