@@ -212,7 +212,8 @@ class NativeOptions:
         a host synchronisation per iteration on a GPU.
     fab_target_group: how many FAB-T target classes run side by side; None = one at a time on a CPU (like
         the reference), on a GPU as many as keep the device batch within ``fab_max_points``.
-    fab_max_points: the device-batch size FAB-T aims for when it groups target classes automatically.
+    fab_max_points: the device-batch size FAB-T aims for when it groups target classes automatically
+        (never more than ``max_device_batch``, which also bounds an explicit ``fab_target_group``).
     """
 
     max_device_batch: int | None = None
@@ -330,9 +331,20 @@ class NativeEngine:
             every = self.options.square_compact_every or (1 if self.device.type == "cpu" else 8)
             return native_square.attack(calls, x, y, layout, settings, compact_every=every)
         settings = native_fab.FabSettings.from_reference(aa.fab, targeted=attack == "fab-t")
+        group, max_points, cap = self._fab_grouping()
+        return native_fab.attack(calls, x, y, layout, settings, target_group=group, max_points=max_points,
+                                 point_cap=cap)
+
+    def _fab_grouping(self) -> tuple[int | None, int, int | None]:
+        """(target group, points FAB-T aims for, hard cap): side-by-side targets never exceed the memory cap.
+
+        Without this, FAB-T's target groups (up to ``fab_max_points`` points) would ignore the runner's
+        ``max_device_batch`` and be the likeliest out-of-memory on a large model.
+        """
         group = self.options.fab_target_group or (1 if self.device.type == "cpu" else None)
-        return native_fab.attack(calls, x, y, layout, settings, target_group=group,
-                                 max_points=self.options.fab_max_points)
+        cap = self.options.max_device_batch
+        max_points = self.options.fab_max_points if cap is None else min(self.options.fab_max_points, cap)
+        return group, max_points, cap
 
     def _run_reference(self, attack: str, x: Tensor, y: Tensor, counts: dict[str, int]) -> Tensor:
         """pyautoattack itself on one batch (for what is delegated), counting its model calls."""

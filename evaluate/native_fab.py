@@ -219,16 +219,17 @@ def _accepted(calls: "ModelCalls", x: Tensor, y: Tensor, found: Tensor, adv: Ten
 # ---------------------------------------------------------------- the attacks on merged reference batches
 
 def attack(calls: "ModelCalls", x: Tensor, y: Tensor, layout: "ReferenceBatches", s: FabSettings,
-           target_group: int | None = 1, max_points: int = 1024) -> Tensor:
+           target_group: int | None = 1, max_points: int = 1024, point_cap: int | None = None) -> Tensor:
     """FAB-T or FAB on every reference batch of the merged ``x`` (the reference's ``perturb``).
 
     FAB-T runs ``target_group`` target classes side by side; None picks as many as keep about
-    ``max_points`` points in a device batch.
+    ``max_points`` points in a device batch. ``point_cap`` (the runner's GPU memory limit) bounds the
+    points of one device batch whatever the group: a group that would exceed it runs fewer targets at once.
     """
     x_out = x.clone()
     robust = calls.logits(x).max(1)[1] == y
     if s.targeted:
-        _targeted(calls, x, y, robust, x_out, s, target_group, max_points)
+        _targeted(calls, x, y, robust, x_out, s, target_group, max_points, point_cap)
     else:
         _untargeted(calls, x, y, layout, robust, x_out, s)
     return x_out
@@ -244,14 +245,18 @@ def _attacked(calls: "ModelCalls", x: Tensor, y: Tensor, robust: Tensor) -> tupl
     return idx[keep], logits[keep]
 
 
-def _targeted(calls, x, y, robust, x_out, s: FabSettings, group: int | None, max_points: int) -> None:
+def _targeted(calls, x, y, robust, x_out, s: FabSettings, group: int | None, max_points: int,
+              point_cap: int | None) -> None:
     ranks = list(range(2, s.n_target_classes + 2))
     while ranks:
         idx, logits = _attacked(calls, x, y, robust)
         if idx.numel() == 0:
             return
         size = group if group is not None else max_points // idx.numel()
-        block, ranks = ranks[:max(1, size)], ranks[max(1, size):]
+        if point_cap is not None:
+            size = min(size, point_cap // idx.numel())
+        size = max(1, size)   # one target at a time even when the points alone exceed the cap
+        block, ranks = ranks[:size], ranks[size:]
         order = logits.sort(dim=-1)[1]
         k = len(block)
         xs = x[idx].repeat(k, 1, 1, 1)

@@ -11,6 +11,7 @@ the same batches, hence the same result.
 from __future__ import annotations
 
 import datetime as _dt
+import inspect
 import logging
 import platform
 import shutil
@@ -25,7 +26,7 @@ from torch import nn
 
 from zoo.errors import BadInputError, ZooError
 
-from .engine import AttackView, make_engine
+from .engine import AttackView, engine_class, make_engine
 from .estimate import Plan, estimate, fmt_seconds, plan_text
 from .prepare import (DEFAULT_CHUNK_BATCHES, Setup, configure, library_versions, precision_mode, prepare, strict_fp32,
                       tf32_in_effect)
@@ -370,16 +371,43 @@ def run(model_or_name: nn.Module | str, *, dataset: str = "cifar10", threat: str
         try:
             return _execute(setup)
         except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            before = setup.device_batch
+            if _shrink_device_batch(setup):
+                log.warning("out of GPU memory with merged device batches (cap %s points); resuming with a cap of %d "
+                            "(the device batch is not part of the configuration: finished work is kept)",
+                            "none" if before is None else before, setup.device_batch)
+                continue
             if not setup.batch_auto or setup.dist is not None or setup.shard[1] > 1 \
                     or setup.run_dir_arg is not None or setup.batch_size == 1:
                 raise ZooError(f"the GPU ran out of memory with batch size {setup.batch_size}",
                                hint=f"re-run with --batch-size {max(1, setup.batch_size // 2)} (a new run: the batch "
                                     "size changes AutoAttack's batches, so it is part of the configuration)") from None
-            torch.cuda.empty_cache()
             log.warning("out of GPU memory at batch size %d; starting over with %d (the batch size is part of the "
                         "configuration, so this is a new run)", setup.batch_size, setup.batch_size // 2)
             setup.batch_size //= 2
+            if setup.device_batch is not None:  # device batches of the old B did not fit either
+                setup.device_batch = min(setup.device_batch, setup.batch_size)
             configure(setup)
+
+
+def _shrink_device_batch(setup: Setup) -> bool:
+    """Halve the cap on merged device batches, down to B; False when that cannot help.
+
+    Engines that merge reference batches (native) fill device batches up to ``setup.device_batch`` (or a
+    whole chunk without a cap) whatever B is, so halving B alone would not shrink them. The cap is not part
+    of the configuration: the run resumes from its saved state, and the engine, built per shard run, takes
+    the new cap. Only once device batches are single reference batches must B itself shrink (a new run).
+    """
+    if "max_device_batch" not in inspect.signature(engine_class(setup.engine_name)).parameters:
+        return False
+    B = setup.batch_size
+    # a device batch never holds more than one chunk of reference batches, nor more than every example
+    largest = min(c for c in (setup.device_batch, B * setup.chunk_batches, setup.n) if c is not None)
+    if largest <= B:
+        return False
+    setup.device_batch = max(B, largest // 2)
+    return True
 
 
 def plan(model_or_name: nn.Module | str, **kwargs) -> Plan:

@@ -6,8 +6,9 @@ import torch
 
 import eval_helpers as h
 from zoo.errors import ZooError
-from zoo.evaluate import run
+from zoo.evaluate import run, runner
 from zoo.evaluate.engine import ReferenceEngine
+from zoo.evaluate.native_engine import NativeEngine
 from zoo.evaluate.record import PerExample, per_example_path
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -40,6 +41,111 @@ def test_out_of_memory_with_a_chosen_batch_size_says_what_to_pass(tmp_path, synt
             batch_size=8, device="cpu", results_dir=tmp_path / "results", run_dir=tmp_path / "run",
             model_label="tiny", progress=False)
     assert "--batch-size 4" in str(info.value)
+
+
+# ---------------------------------------------------------------- the native engine: shrink device batches first
+
+def _native_oom_above(limit, monkeypatch, attacks=None):
+    """Native device batches of more than ``limit`` points (in ``attacks``, default all) raise CUDA OOM.
+
+    Returns the log of what ran: (attack, device batch size, "ok" or "oom") per device batch.
+    """
+    seen = []
+    original = NativeEngine._run_native
+
+    def run_native(self, attack, calls, x, y, layout):
+        if (attacks is None or attack in attacks) and len(x) > limit:
+            seen.append((attack, len(x), "oom"))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        seen.append((attack, len(x), "ok"))
+        return original(self, attack, calls, x, y, layout)
+
+    monkeypatch.setattr(NativeEngine, "_run_native", run_native)
+    return seen
+
+
+def _probed_device_batch(monkeypatch, choose):
+    """What the GPU memory probe would set (prepare probes only CUDA devices): ``choose(setup)`` points."""
+    original = runner.prepare
+
+    def prepare(*args, **kwargs):
+        setup = original(*args, **kwargs)
+        setup.device_batch = choose(setup)
+        return setup
+
+    monkeypatch.setattr(runner, "prepare", prepare)
+
+
+def _native_kwargs(tmp_path, data_file, name, **extra):
+    kw = dict(data=data_file, eps=h.TINY_EPS, version="custom", attacks=["apgd-ce", "apgd-t"], device="cpu",
+              engine="native", results_dir=tmp_path / f"results-{name}", run_dir=tmp_path / f"run-{name}",
+              model_label="tiny", progress=False)
+    kw.update(extra)
+    return kw
+
+
+def test_native_out_of_memory_halves_the_device_batch_and_resumes(tmp_path, monkeypatch, caplog):
+    """The device batch is not part of the configuration: halve it and resume, keeping finished stages."""
+    x, y = h.synthetic_images(12, seed=2)   # 9 clean-correct points, 5 left for APGD-T
+    data_file = h.write_npz(tmp_path / "d.npz", x, y)
+    kw = _native_kwargs(tmp_path, data_file, "oom", batch_size=2, chunk_batches=4)
+    _probed_device_batch(monkeypatch, lambda setup: 8)
+    seen = _native_oom_above(4, monkeypatch, attacks=["apgd-t"])   # APGD-CE fits at 8, APGD-T only at 4
+    record = run(h.train_tiny_cnn(), **kw)
+
+    ooms = [s for s in seen if s[2] == "oom"]
+    assert ooms == [("apgd-t", ooms[0][1], "oom")] and ooms[0][1] > 4   # one OOM, then it fit
+    apgd_ce = [size for attack, size, _ in seen if attack == "apgd-ce"]
+    assert max(apgd_ce) == 8   # batches were merged up to the probed cap
+    assert sum(apgd_ce) == record.clean.correct   # APGD-CE, finished before the OOM, was not run again
+    after_oom = seen[seen.index(ooms[0]) + 1:]
+    assert after_oom and all(attack == "apgd-t" and size <= 4 for attack, size, _ in after_oom)   # the new cap
+    assert sum(size for _, size, _ in after_oom) == ooms[0][1]   # every APGD-T point, each once
+    assert record.batch_size == 2 and record.stages[1].robust.correct < record.stages[0].robust.correct
+    assert "merged device batches (cap 8 points); resuming with a cap of 4" in caplog.text
+
+    monkeypatch.undo()   # the same run without running out of memory (device batches of 4 throughout)
+    _probed_device_batch(monkeypatch, lambda setup: 4)
+    straight = run(h.train_tiny_cnn(), **_native_kwargs(tmp_path, data_file, "straight", batch_size=2,
+                                                          chunk_batches=4))
+    assert straight.config_hash == record.config_hash
+    pe, pe_straight = (PerExample.read(per_example_path(tmp_path / f"results-{name}" / r.relative_path()))
+                       for name, r in (("oom", record), ("straight", straight)))
+    assert [s.robust for s in record.stages] == [s.robust for s in straight.stages]
+    for key in ("clean_correct", "robust", "broken_by", "adv_pred", "adv_positions"):
+        assert np.array_equal(getattr(pe, key), getattr(pe_straight, key)), key
+    # APGD-T ran with the same device batches in both runs; APGD-CE's were 8 against 4 (CPU conv rounding)
+    assert np.abs(pe.x_adv - pe_straight.x_adv).max() <= 1e-3
+
+
+def test_native_out_of_memory_at_device_batch_b_halves_b_and_the_device_batch(tmp_path, synthetic_data_file,
+                                                                              monkeypatch):
+    """On a GPU an automatic B equals the probed device batch: halve both, one new run per halving."""
+    monkeypatch.setenv("SCORE_ZOO_CACHE", str(tmp_path / "cache"))
+    _probed_device_batch(monkeypatch, lambda setup: setup.batch_size)
+    seen = _native_oom_above(4, monkeypatch)
+    kw = _native_kwargs(tmp_path, synthetic_data_file, "auto", attacks=["apgd-ce"], run_dir=None)
+    record = run(h.train_tiny_cnn(), **kw)
+    assert record.batch_size == 3   # 250 -> 125 -> 62 -> 31 -> 15 -> 7 -> 3, as with the reference engine
+    assert len(list((tmp_path / "cache" / "runs").iterdir())) == 7
+    assert sum(1 for s in seen if s[2] == "oom") == 6   # no retry at a device batch that had already failed
+
+
+def test_native_out_of_memory_with_a_chosen_batch_size_shrinks_the_device_batch_then_says_what_to_pass(
+        tmp_path, synthetic_data_file, monkeypatch):
+    """A chosen B still lets the device batch shrink (same run); only at device batch B does it give up."""
+    model = h.train_tiny_cnn()
+    x, y = h.synthetic_images(8, seed=2)   # what synthetic_data_file holds
+    clean = int((model(x).argmax(1) == y).sum())
+    assert clean > 4
+    _probed_device_batch(monkeypatch, lambda setup: 64)
+    seen = _native_oom_above(2, monkeypatch)
+    with pytest.raises(ZooError, match="ran out of memory with batch size 4") as info:
+        run(model, **_native_kwargs(tmp_path, synthetic_data_file, "chosen", attacks=["apgd-ce"], batch_size=4))
+    assert "--batch-size 2" in str(info.value)
+    # all clean-correct points in one device batch; no device batch exceeds the 8 examples, so the cap goes
+    # from 64 straight to 8 // 2 = 4 = B (no pointless retries at 32 and 16); then B cannot shrink on its own
+    assert seen == [("apgd-ce", clean, "oom"), ("apgd-ce", 4, "oom")]
 
 
 # ---------------------------------------------------------------- CUDA only

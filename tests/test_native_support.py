@@ -254,3 +254,41 @@ def test_runner_memory_cap_limits_merged_device_batches():
     assert engine.options.max_device_batch == 48
     assert make_engine("native", trained_cnn(), norm="Linf", eps=8 / 255, version="standard", attacks=None,
                        seed=0, device="cpu").options.max_device_batch is None
+
+
+def test_fab_t_target_groups_stay_within_the_memory_cap():
+    """FAB-T's side-by-side targets must not exceed the runner's max_device_batch (the likeliest OOM on a big
+    model): groups shrink to fit, explicit or automatic, and the flags stay the reference's."""
+    from zoo.evaluate import native_fab
+    from zoo.evaluate.native_engine import ModelCalls
+
+    model = trained_cnn()
+    x, y = correct_points(model, 6)
+    settings = {"fab_iter": 4, "fab_targets": 4}
+    want = reference_perturb(make_reference(model, "Linf", 3 / 255, **settings), "fab-t", x, y)
+    sizes: list[int] = []
+    hook = model.register_forward_hook(lambda module, inputs, output: sizes.append(inputs[0].shape[0]))
+    try:
+        free = make_engine(model, "Linf", 3 / 255, options=NativeOptions(fab_target_group=4), **settings)
+        free.attack_batch("fab-t", x, y)
+        assert max(sizes) == 24   # 4 targets x 6 points: what the cap must prevent
+        sizes.clear()
+        capped = make_engine(model, "Linf", 3 / 255, options=NativeOptions(fab_target_group=4, max_device_batch=12),
+                             **settings)
+        assert_flags_match(model, capped.attack_batch("fab-t", x, y), want, x, y, "fab-t, capped groups")
+        assert max(sizes) == 12   # 2 targets at a time
+        sizes.clear()
+        s = native_fab.FabSettings.from_reference(capped.autoattack.fab, targeted=True)
+        layout = ReferenceBatches([6], seed=0, device=torch.device("cpu"))
+        got = native_fab.attack(ModelCalls(model, "fp32"), x, y, layout, s, target_group=None, max_points=1024,
+                                point_cap=12)
+        assert max(sizes) == 12   # automatic grouping too
+        assert_flags_match(model, got, want, x, y, "fab-t, automatic capped groups")
+    finally:
+        hook.remove()
+    # the engine aims automatic groups at min(fab_max_points, max_device_batch)
+    assert make_engine(model, "Linf", 3 / 255, options=NativeOptions(max_device_batch=48))._fab_grouping() \
+        == (1, 48, 48)   # one target at a time on a CPU, as the reference
+    assert make_engine(model, "Linf", 3 / 255, options=NativeOptions(max_device_batch=4096))._fab_grouping() \
+        == (1, 1024, 4096)
+    assert make_engine(model, "Linf", 3 / 255)._fab_grouping() == (1, 1024, None)
