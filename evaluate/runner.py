@@ -444,7 +444,8 @@ def merge(run_dir: str | Path, model: nn.Module | None = None, results_dir: str 
                      data_dir=inv["data_dir"], version=inv["version"], attacks=inv["attacks"], seed=inv["seed"],
                      batch_size=inv["batch_size"], device=device, precision=inv["precision"], engine=inv["engine"],
                      results_dir=results_dir or inv["results_dir"], run_dir=run_dir, checkpoint=inv["checkpoint"],
-                     shard=None, model_label=inv.get("model_label"), chunk_batches=DEFAULT_CHUNK_BATCHES,
+                     shard=(0, doc["config"].get("shards", 1)), model_label=inv.get("model_label"),
+                     chunk_batches=DEFAULT_CHUNK_BATCHES,
                      channels_last=inv["channels_last"], progress=False)
     if setup.config_hash != doc["config_hash"]:
         diff = config_differences(doc["config"], setup.config)
