@@ -216,20 +216,19 @@ def _run_suite(args: argparse.Namespace) -> int:
 
 
 def _configure_logging() -> None:
-    root = logging.getLogger("zoo.evaluate")
-    if not root.handlers:
+    """Our progress lines at INFO; pyautoattack's own chatter only from WARNING up."""
+    _log_to_stderr("zoo.evaluate", "%(message)s", logging.INFO)
+    _log_to_stderr("auto-attack", "autoattack: %(message)s", logging.WARNING)
+
+
+def _log_to_stderr(name: str, fmt: str, level: int) -> None:
+    logger = logging.getLogger(name)
+    if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False
-    aa = logging.getLogger("auto-attack")
-    if not aa.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("autoattack: %(message)s"))
-        aa.addHandler(handler)
-        aa.setLevel(logging.WARNING)
-        aa.propagate = False
+        handler.setFormatter(logging.Formatter(fmt))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -217,3 +217,18 @@ def api_run_code(model_path: Path, run_kwargs: dict) -> str:
         "record = run(model, **kwargs)\n"
         "print('RECORD', None if record is None else record.run_id)\n"
     )
+
+
+def tiny_registry_inputs(tmp_path: Path, monkeypatch, n: int = 6, seed: int = 5
+                         ) -> tuple[Path, Path, torch.Tensor, torch.Tensor]:
+    """Use the tiny registry; return its checkpoint, a data file of n images labelled with the net's own
+    predictions (so every point is correct and the attack has work to do), and those images and labels."""
+    use_registry(monkeypatch, tiny_registry(tmp_path))
+    ckpt = tiny_wrn_checkpoint(tmp_path)
+    x, _ = synthetic_images(n, seed=seed)
+    from zoo.models import WideResNet
+    net = WideResNet(num_classes=10, depth=10, width=1)
+    net.load_state_dict(torch.load(ckpt, weights_only=True))
+    with torch.no_grad():
+        y = net.eval()(x).argmax(1)
+    return ckpt, write_npz(tmp_path / "d.npz", x, y), x, y

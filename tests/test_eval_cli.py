@@ -19,15 +19,7 @@ from zoo.evaluate import cli, plan, run
 def env(tmp_path, monkeypatch):
     """Tiny registry model + checkpoint + 6 images it classifies correctly; cache and results in tmp."""
     monkeypatch.setenv("SCORE_ZOO_CACHE", str(tmp_path / "cache"))
-    h.use_registry(monkeypatch, h.tiny_registry(tmp_path))
-    ckpt = h.tiny_wrn_checkpoint(tmp_path)
-    x, _ = h.synthetic_images(6, seed=5)
-    from zoo.models import WideResNet
-    net = WideResNet(num_classes=10, depth=10, width=1)
-    net.load_state_dict(torch.load(ckpt, weights_only=True))
-    with torch.no_grad():
-        y = net.eval()(x).argmax(1)
-    data_file = h.write_npz(tmp_path / "d.npz", x, y)
+    ckpt, data_file, x, y = h.tiny_registry_inputs(tmp_path, monkeypatch)
     results = tmp_path / "results"
     base = ["--model", h.TINY_REGISTRY_MODEL, "--checkpoint", str(ckpt), "--data", str(data_file), "--attacks",
             "apgd-ce", "--eps", "1/255", "--batch-size", "3", "--device", "cpu", "--results-dir", str(results),

@@ -143,15 +143,7 @@ def test_cli_merge_needs_the_module_for_python_runs(one_process, capsys):
 
 
 def test_cli_shards_then_merge_for_a_registry_model(tmp_path, monkeypatch, capsys):
-    h.use_registry(monkeypatch, h.tiny_registry(tmp_path))
-    ckpt = h.tiny_wrn_checkpoint(tmp_path)
-    x, _ = h.synthetic_images(6, seed=5)
-    from zoo.models import WideResNet
-    net = WideResNet(num_classes=10, depth=10, width=1)
-    net.load_state_dict(torch.load(ckpt, weights_only=True))
-    with torch.no_grad():
-        y = net.eval()(x).argmax(1)       # labels the net gets right, so the attack has work to do
-    data_file = h.write_npz(tmp_path / "d.npz", x, y)
+    ckpt, data_file, _, _ = h.tiny_registry_inputs(tmp_path, monkeypatch)
     base = ["--model", h.TINY_REGISTRY_MODEL, "--checkpoint", str(ckpt), "--data", str(data_file), "--attacks",
             "apgd-ce", "--eps", "1/255", "--batch-size", "3", "--device", "cpu", "--results-dir",
             str(tmp_path / "results"), "--run-dir", str(tmp_path / "run"), "--no-progress"]
