@@ -23,7 +23,7 @@ from zoo.errors import BadInputError, ZooError, run_cli
 from . import runner
 from .data import default_data_dir
 from .engine import ENGINES, KNOWN_ATTACKS, NORMS, VERSIONS
-from .prepare import DEFAULT_CHUNK_BATCHES, PRECISIONS
+from .prepare import DEFAULT_CHUNK_BATCHES, PRECISIONS, invocation_kwargs
 
 log = logging.getLogger("zoo.evaluate")
 
@@ -97,12 +97,7 @@ def _kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if inv["model_kind"] == "module":
             raise BadInputError(f"{args.resume} was started from Python with a custom module ({inv['model']})",
                                 hint="resume it from Python: zoo.evaluate.run(model, run_dir=..., same arguments)")
-        base = {"model": inv["model"], "dataset": inv["model_dataset"], "threat": inv["threat"], "eps": inv["eps"],
-                "n_ex": inv["n_ex"], "data": inv["data"], "data_dir": inv["data_dir"],
-                "checkpoint": inv["checkpoint"], "precision": inv["precision"], "batch_size": inv["batch_size"],
-                "seed": inv["seed"], "version": inv["version"], "attacks": inv["attacks"], "engine": inv["engine"],
-                "results_dir": inv["results_dir"], "channels_last": inv["channels_last"],
-                "model_label": inv.get("model_label"), "device": inv.get("device")}
+        base = {"model": inv["model"], **invocation_kwargs(inv)}
         if args.run_dir is not None and Path(args.run_dir).resolve() != Path(args.resume).resolve():
             raise BadInputError("--run-dir and --resume name different folders", hint="pass only --resume RUN_DIR")
         given = {**base, **given, "run_dir": args.resume}

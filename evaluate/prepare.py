@@ -187,6 +187,14 @@ def _tensors_sha256(named: Any) -> str:
     return digest.hexdigest()
 
 
+def invocation_kwargs(invocation: dict[str, Any]) -> dict[str, Any]:
+    """The ``run``/``prepare`` keyword arguments a run folder's saved invocation stands for (resume, merge)."""
+    same = ("threat", "eps", "n_ex", "data", "data_dir", "version", "attacks", "seed", "batch_size", "precision",
+            "engine", "results_dir", "checkpoint", "channels_last")
+    return {"dataset": invocation["model_dataset"], "model_label": invocation.get("model_label"),
+            "device": invocation.get("device"), **{k: invocation[k] for k in same}}
+
+
 def _check_model_cheaply(model_or_name: Any, model_dataset: str, threat: str, checkpoint: str | Path | None) -> None:
     """Unknown names, variants and missing checkpoint files fail before any data or weights are downloaded."""
     if checkpoint is not None and not Path(checkpoint).expanduser().is_file():

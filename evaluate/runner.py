@@ -28,8 +28,8 @@ from zoo.errors import BadInputError, ZooError
 
 from .engine import AttackView, engine_class, make_engine
 from .estimate import Plan, estimate, fmt_seconds, plan_text
-from .prepare import (DEFAULT_CHUNK_BATCHES, Setup, configure, library_versions, precision_mode, prepare, strict_fp32,
-                      tf32_in_effect)
+from .prepare import (DEFAULT_CHUNK_BATCHES, Setup, configure, invocation_kwargs, library_versions, precision_mode,
+                      prepare, strict_fp32, tf32_in_effect)
 from .record import Accuracy, AdversarialCheckError, PerExample, RunRecord, Stage, check_adversarial, per_example_path
 from .sharding import merge_states, shard_bounds, shard_path, wait_for_shards
 from .state import CLEAN_STAGE, ShardState, config_differences, read_config, write_config_once
@@ -412,10 +412,9 @@ def _shrink_device_batch(setup: Setup) -> bool:
 
 def plan(model_or_name: nn.Module | str, **kwargs) -> Plan:
     """What ``run`` with the same arguments would do and roughly what it costs; runs no attack."""
-    defaults = dict(dataset="cifar10", threat="linf", eps=None, n_ex=None, data=None, data_dir=None,
-                    version="standard", attacks=None, seed=0, batch_size=None, device=None, precision="fp32",
-                    engine="reference", results_dir="results", run_dir=None, checkpoint=None, shard=None,
-                    model_label=None, chunk_batches=DEFAULT_CHUNK_BATCHES, channels_last=None, progress=False)
+    defaults = {name: p.default for name, p in inspect.signature(run).parameters.items()
+                if p.kind is p.KEYWORD_ONLY}
+    defaults["progress"] = False
     unknown = set(kwargs) - set(defaults)
     if unknown:
         raise TypeError(f"plan() got unexpected argument(s) {sorted(unknown)}")
@@ -439,14 +438,10 @@ def merge(run_dir: str | Path, model: nn.Module | None = None, results_dir: str 
                             hint="merge it from Python: zoo.evaluate.merge(run_dir, model=the_module)")
     if device is None:
         device = doc["config"]["device_type"]
-    setup = prepare(model if model is not None else inv["model"], dataset=inv["model_dataset"],
-                     threat=inv["threat"], eps=inv["eps"], n_ex=inv["n_ex"], data=inv["data"],
-                     data_dir=inv["data_dir"], version=inv["version"], attacks=inv["attacks"], seed=inv["seed"],
-                     batch_size=inv["batch_size"], device=device, precision=inv["precision"], engine=inv["engine"],
-                     results_dir=results_dir or inv["results_dir"], run_dir=run_dir, checkpoint=inv["checkpoint"],
-                     shard=(0, doc["config"].get("shards", 1)), model_label=inv.get("model_label"),
-                     chunk_batches=DEFAULT_CHUNK_BATCHES,
-                     channels_last=inv["channels_last"], progress=False)
+    setup = prepare(model if model is not None else inv["model"],
+                    **{**invocation_kwargs(inv), "device": device, "results_dir": results_dir or inv["results_dir"],
+                       "run_dir": run_dir, "shard": (0, doc["config"].get("shards", 1)),
+                       "chunk_batches": DEFAULT_CHUNK_BATCHES, "progress": False})
     if setup.config_hash != doc["config_hash"]:
         diff = config_differences(doc["config"], setup.config)
         raise BadInputError(f"{run_dir} was made with a different configuration than can be rebuilt now "
