@@ -195,32 +195,32 @@ def invocation_kwargs(invocation: dict[str, Any]) -> dict[str, Any]:
             "device": invocation.get("device"), **{k: invocation[k] for k in same}}
 
 
-def _check_model_cheaply(model_or_name: Any, model_dataset: str, threat: str, checkpoint: str | Path | None) -> None:
-    """Unknown names, variants and missing checkpoint files fail before any data or weights are downloaded."""
+def _registry_variant(model_or_name: Any, model_dataset: str, threat: str,
+                      checkpoint: str | Path | None) -> registry.Variant | None:
+    """The registry entry a run will evaluate (None for modules and RobustBench names). Unknown names,
+    variants and missing checkpoint files fail here, before any data or weights are downloaded."""
     if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
         raise BadInputError(f"checkpoint file {checkpoint} does not exist",
                             hint="pass the path of a downloaded .pt/.pth/.safetensors file")
     if not isinstance(model_or_name, str):
-        return
+        return None
     try:
-        registry.info(model_or_name).variant(model_dataset, threat)
+        return registry.info(model_or_name).variant(model_dataset, threat)
     except UnknownModelError:
         from zoo import robustbench_compat
         if checkpoint is not None or not robustbench_compat.is_robustbench_name(model_or_name, model_dataset, threat):
             raise
+    return None
 
 
-def _load_model(model_or_name: Any, model_dataset: str, threat: str, checkpoint: str | Path | None,
-                model_label: str | None) -> tuple[nn.Module, str, str, dict[str, Any], dict[str, float]]:
+def _load_model(model_or_name: Any, variant: registry.Variant | None, model_dataset: str, threat: str,
+                checkpoint: str | Path | None, model_label: str | None
+                ) -> tuple[nn.Module, str, str, dict[str, Any], dict[str, float]]:
     """(module, label, kind, checkpoint info, reported accuracies) for a registry name or a module."""
-    reported: dict[str, float] = {}
+    reported: dict[str, float] = dict(variant.reported) if variant else {}
     if isinstance(model_or_name, str):
         name = model_or_name
-        try:
-            label = registry.resolve_name(name)
-            reported = dict(registry.info(label).variant(model_dataset, threat).reported)
-        except ZooError:
-            label = name  # zoo.load raises the right error, or finds it in RobustBench
+        label = registry.resolve_name(name) if variant else name  # RobustBench names keep their own
         model = zoo.load(name, dataset=model_dataset, threat=threat, checkpoint=checkpoint)
         kind = "registry"
     elif isinstance(model_or_name, nn.Module):
@@ -368,16 +368,13 @@ def prepare(model_or_name: Any, *, dataset: str, threat: str, eps, n_ex, data, d
     _check_writable(results_dir)
 
     model_dataset = dataset
-    default_eps = DEFAULT_EPS[threat]
-    if isinstance(model_or_name, str):
-        with contextlib.suppress(ZooError):
-            default_eps = registry.info(model_or_name).variant(model_dataset, threat).eps
-    eps_text, eps_value = _parse_eps(eps, default_eps)
+    variant = _registry_variant(model_or_name, model_dataset, threat, checkpoint)
+    eps_text, eps_value = _parse_eps(eps, variant.eps if variant else DEFAULT_EPS[threat])
 
-    _check_model_cheaply(model_or_name, model_dataset, threat, checkpoint)
     evaldata = data_mod.load(dataset, n_ex, data, data_dir)
     shard_bounds(len(evaldata), shard[1])  # refuses more shards than examples before loading the model
-    model, label, kind, ckpt, reported = _load_model(model_or_name, model_dataset, threat, checkpoint, model_label)
+    model, label, kind, ckpt, reported = _load_model(model_or_name, variant, model_dataset, threat, checkpoint,
+                                                     model_label)
     if channels_last is None:
         channels_last = dev.type == "cuda"
     model = _prepare_model(model, dev, bool(channels_last))
