@@ -93,11 +93,11 @@ def run_baseline(model, x, y, eps: float, batch_size: int) -> dict:
 
 
 def run_ours(model, data_path: Path, n: int, eps_text: str, batch_size: int | None, engine: str, tmp: Path,
-             label: str) -> dict:
+             label: str, torch_compile: str | None = None) -> dict:
     t0 = time.perf_counter()
     record = zoo.evaluate.run(model, data=data_path, n_ex=n, eps=eps_text, seed=0, batch_size=batch_size,
                               device="cpu", engine=engine, results_dir=tmp / "results", run_dir=tmp / f"run-{label}",
-                              model_label=f"bench-{label}", progress=False)
+                              model_label=f"bench-{label}", progress=False, torch_compile=torch_compile)
     wall = time.perf_counter() - t0
     pe = PerExample.read(per_example_path(tmp / "results" / record.relative_path()))
     return {"label": label, "engine": record.engine, "batch_size": record.batch_size, "wall": wall,
@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"also run ours (native engine) at this batch size, e.g. {CPU_BATCH_SIZE} (zoo-eval's CPU "
                         "default); 0 (default) skips it, keeping the default run near 3 minutes")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for every run (default 1)")
+    p.add_argument("--torch-compile", metavar="MODE", default=None,
+                   help="also run ours (native engine) with --torch-compile MODE; its wall time includes compiling")
     args = p.parse_args(argv)
     if not CIFAR.is_file():
         sys.exit(f"error: {CIFAR} is absent\n  fix: run from a checkout next to shared/")
@@ -150,11 +152,14 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = [run_baseline(copy.deepcopy(model).eval(), x, y, eps, args.batch_size)]
     with tempfile.TemporaryDirectory(prefix="bench-eval-cpu-") as tmp:
-        plan = [("ours-ref", "reference", args.batch_size), ("ours-native", "native", args.batch_size)]
+        plan = [("ours-ref", "reference", args.batch_size, None), ("ours-native", "native", args.batch_size, None)]
+        if args.torch_compile:
+            plan.append((f"ours-native-{args.torch_compile}", "native", args.batch_size, args.torch_compile))
         if args.large_batch_size:
-            plan.append((f"ours-native-B{args.large_batch_size}", "native", args.large_batch_size))
-        for label, engine, bs in plan:
-            runs.append(run_ours(copy.deepcopy(model), CIFAR, args.n, args.eps, bs, engine, Path(tmp), label))
+            plan.append((f"ours-native-B{args.large_batch_size}", "native", args.large_batch_size, None))
+        for label, engine, bs, compile_mode in plan:
+            runs.append(run_ours(copy.deepcopy(model), CIFAR, args.n, args.eps, bs, engine, Path(tmp), label,
+                                 compile_mode))
 
     base = runs[0]
     stages = list(BASELINE_STAGES.values())

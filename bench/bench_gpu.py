@@ -211,6 +211,7 @@ def margins_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Variant:
     engine: str        # reference | native | robustbench (reference, trainable NCHW copy) | native-merged
+    #                    | native-compiled (the native engine on the model through zoo-eval's --torch-compile)
     precision: str     # fp32 | tf32 | bf16 | default
 
     @property
@@ -235,11 +236,16 @@ def precision_switches(precision: str, device: torch.device):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def make_engine(variant: Variant, model: nn.Module, eps: float, device: torch.device, sizes: Sizes):
+def make_engine(variant: Variant, model: nn.Module, eps: float, device: torch.device, sizes: Sizes,
+                compile_mode: str | None = None):
+    from zoo.evaluate.compiled import compiled_for_attacks
     from zoo.evaluate.engine import ReferenceEngine
     from zoo.evaluate.native_engine import NativeEngine
 
-    if variant.engine == "native":   # tf32 is a global switch, not an engine precision (as in zoo-eval)
+    if variant.engine == "native-compiled":   # compiled here (outside the timed stage), as the runner does
+        model = compiled_for_attacks(model, compile_mode, (3, 32, 32), device,
+                                     torch.bfloat16 if variant.precision == "bf16" else None)
+    if variant.engine in ("native", "native-compiled"):   # tf32 is a global switch, not an engine precision (as in zoo-eval)
         engine = NativeEngine(model, norm="Linf", eps=eps, seed=0, device=device,
                               precision="bf16" if variant.precision == "bf16" else "fp32")
     else:
@@ -290,6 +296,7 @@ class ModelRun:
     rows: list[Row] = field(default_factory=list)
     agreement: dict[tuple[str, Variant], str] = field(default_factory=dict)   # (stage, variant) -> verdict
     cut: object = None     # a pyautoattack AutoAttack with the measured (cut) settings
+    compile_mode: str | None = None   # torch.compile mode of the native-compiled rows
 
     def row(self, stage: str, variant: Variant) -> Row | None:
         for r in self.rows:
@@ -385,7 +392,10 @@ def measure(run: ModelRun, model: nn.Module, rb_model: nn.Module | None, stage: 
     if variant not in engines:
         kind = {"robustbench": Variant("reference", variant.precision),
                 "native-merged": Variant("native", variant.precision)}.get(variant.engine, variant)
-        engines[variant] = make_engine(kind, target, run.eps, device, run.sizes)
+        started = time.perf_counter()
+        engines[variant] = make_engine(kind, target, run.eps, device, run.sizes, run.compile_mode)
+        if variant.engine == "native-compiled":
+            log(f"  torch.compile (mode {run.compile_mode}) took {time.perf_counter() - started:.0f} s (not in the rows)")
     engine = engines[variant]
     run.cut = run.cut or engine.autoattack
     aa = engine.autoattack
@@ -477,7 +487,7 @@ def compare_rows(model, mine: Row, ref: Row, y: torch.Tensor, exact: bool) -> tu
 
 def reference_of(variant: Variant, available: set[Variant]) -> Variant | None:
     """What a row's flags are checked against: the reference at the same TF32 setting (bf16: fp32)."""
-    if variant.engine != "native":
+    if variant.engine not in ("native", "native-compiled"):
         return None
     want = [Variant("reference", "tf32")] if variant.precision == "tf32" else \
         [Variant("reference", "fp32"), Variant("reference", "tf32")]
@@ -590,7 +600,8 @@ def report(runs: list[ModelRun], log: Log) -> None:
             + ", ".join(f"{k} {v}" for k, v in run.full_iters.items()))
         log(f"{'stage':8} {'engine/precision':21} {'pt-it/s':>10} {'vs fp32':>8} {'vs tf32':>8} "
             f"{'projected':>10}  flags")
-        totals: dict[Variant, list[float | None]] = {v: [] for v in run.variants if v.engine in ("reference", "native")}
+        totals: dict[Variant, list[float | None]] = {v: [] for v in run.variants
+                                                     if v.engine in ("reference", "native", "native-compiled")}
         for stage in STAGES:
             ref32, ref_tf = run.row(stage, Variant("reference", "fp32")), run.row(stage, Variant("reference", "tf32"))
             for variant in run.variants:
@@ -648,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eps", type=float, default=None, help="skip the eps calibration (value in [0, 1] units)")
     p.add_argument("--no-channels-last", action="store_true", help="keep the model NCHW (zoo-eval uses "
                                                                     "channels_last on GPUs)")
+    p.add_argument("--torch-compile", metavar="MODE", default=None,
+                   help="also measure the native engine in bf16 on the model compiled as zoo-eval --torch-compile "
+                        "MODE does (compile time is logged, not counted in the rows)")
     p.add_argument("--log", default=None, help="also write the output here (default: $OUT/gpu_check.log if $OUT)")
     args = p.parse_args(argv)
 
@@ -678,6 +692,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = [ModelRun("WRN-28-10", sizes,
                      [Variant("reference", "fp32"), Variant("native", "fp32"), Variant("native", "bf16"),
                       Variant("reference", "tf32"), Variant("native", "tf32"), Variant("robustbench", "default")])]
+    if args.torch_compile:
+        runs[0].variants.append(Variant("native-compiled", "bf16" if device.type == "cuda" else "fp32"))
+        runs[0].compile_mode = args.torch_compile
     if args.smoke:
         runs[0].label = f"WRN-{sizes.depth}-{sizes.width} (smoke stand-in for WRN-28-10)"
     if args.wrn_70_16:

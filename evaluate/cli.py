@@ -23,6 +23,7 @@ from zoo.errors import BadInputError, ZooError, run_cli
 from . import runner
 from .data import default_data_dir
 from .engine import ENGINES, KNOWN_ATTACKS, NORMS, VERSIONS
+from .compiled import COMPILE_MODES
 from .prepare import DEFAULT_CHUNK_BATCHES, PRECISIONS, invocation_kwargs
 
 log = logging.getLogger("zoo.evaluate")
@@ -30,7 +31,7 @@ log = logging.getLogger("zoo.evaluate")
 # Flags whose value, when given next to --resume, must agree with the run folder's configuration.
 _RUN_KEYS = ("model", "dataset", "threat", "eps", "n_ex", "data", "data_dir", "checkpoint", "device", "precision",
              "batch_size", "seed", "version", "attacks", "engine", "results_dir", "chunk_batches", "channels_last",
-             "model_label")
+             "torch_compile", "model_label")
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -68,6 +69,9 @@ def _run_parser() -> argparse.ArgumentParser:
                    help=f"save progress every N batches (default {DEFAULT_CHUNK_BATCHES})")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False, default=None,
                    help="keep the model in NCHW memory format on GPUs (default: channels_last there)")
+    p.add_argument("--torch-compile", metavar="MODE", choices=list(COMPILE_MODES), default=None,
+                   help="run the attacks' model passes through torch.compile (MODE: default, reduce-overhead = CUDA "
+                        "graphs, max-autotune, max-autotune-no-cudagraphs); checks stay eager")
     p.add_argument("--model-label", default=None, help="name used in results paths instead of the model name")
     p.add_argument("--dry-run", action="store_true", help="print the plan and a cost estimate, run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")

@@ -115,7 +115,8 @@ def plan_text(setup: Setup, est: Estimate) -> str:
         f"threat     {setup.threat} eps {setup.eps_text} ({setup.eps:.6g}), version {setup.version}, "
         f"seed {setup.seed}",
         f"engine     {setup.engine_name} {setup.engine_version}, precision {setup.precision}, device {setup.device}, "
-        f"batch size {setup.batch_size}{' (auto)' if setup.batch_auto else ''}, shard {setup.shard[0]}/{setup.shard[1]}",
+        f"batch size {setup.batch_size}{' (auto)' if setup.batch_auto else ''}, shard {setup.shard[0]}/{setup.shard[1]}"
+        + (f", torch.compile {setup.torch_compile} (eager timings below)" if setup.torch_compile else ""),
         f"run folder {setup.run_dir}",
         f"results    {setup.results_dir / setup.data.dataset / setup.threat / setup.label}",
         "",

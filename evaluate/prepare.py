@@ -25,6 +25,7 @@ from zoo import constants, registry
 from zoo.errors import BadInputError, UnknownModelError, ZooError
 
 from . import data as data_mod
+from .compiled import COMPILE_MODES
 from .engine import KNOWN_ATTACKS, NORMS, VERSIONS, AttackView, engine_class
 from .sharding import DistributedEnv, distributed_env, parse_shard, shard_bounds
 from .state import config_hash
@@ -65,6 +66,7 @@ class Setup:
     precision: str
     device: torch.device
     channels_last: bool
+    torch_compile: str | None        # torch.compile mode of the attacks' model passes (None: eager)
     engine_name: str
     engine_version: str
     results_dir: Path
@@ -75,6 +77,7 @@ class Setup:
     progress: bool
     invocation: dict[str, Any]
     reported: dict[str, float] = field(default_factory=dict)
+    attack_model: nn.Module | None = None   # what the attacks call: the model or its compiled form (runner)
     config: dict[str, Any] = field(default_factory=dict)
     config_hash: str = ""
     run_dir: Path = Path(".")
@@ -192,7 +195,8 @@ def invocation_kwargs(invocation: dict[str, Any]) -> dict[str, Any]:
     same = ("threat", "eps", "n_ex", "data", "data_dir", "version", "attacks", "seed", "batch_size", "precision",
             "engine", "results_dir", "checkpoint", "channels_last")
     return {"dataset": invocation["model_dataset"], "model_label": invocation.get("model_label"),
-            "device": invocation.get("device"), **{k: invocation[k] for k in same}}
+            "device": invocation.get("device"), "torch_compile": invocation.get("torch_compile"),
+            **{k: invocation[k] for k in same}}
 
 
 def _registry_variant(model_or_name: Any, model_dataset: str, threat: str,
@@ -337,10 +341,12 @@ def _choose_batch_size(model: nn.Module, image_shape: tuple[int, ...], device: t
 def prepare(model_or_name: Any, *, dataset: str, threat: str, eps, n_ex, data, data_dir, version: str,
              attacks, seed: int, batch_size: int | None, device, precision: str, engine: str, results_dir,
              run_dir, checkpoint, shard, model_label, chunk_batches: int, channels_last: bool | None,
-             progress: bool | None) -> Setup:
+             progress: bool | None, torch_compile: str | None = None) -> Setup:
     threat = _check_choice(str(threat).lower(), tuple(NORMS), "threat")
     norm = NORMS[threat]
     _check_choice(precision, PRECISIONS, "precision")
+    if torch_compile is not None:
+        _check_choice(torch_compile, COMPILE_MODES, "torch.compile mode")
     engine_cls = engine_class(engine)
     attack_list = _resolve_attacks(version, attacks, norm, engine)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -395,6 +401,7 @@ def prepare(model_or_name: Any, *, dataset: str, threat: str, eps, n_ex, data, d
         "version": version, "attacks": list(attack_list) if version == "custom" else None, "seed": int(seed),
         "precision": precision, "engine": engine, "results_dir": str(results_dir.resolve()),
         "channels_last": bool(channels_last), "model_label": model_label, "device": dev.type,
+        "torch_compile": torch_compile,
     }
     if progress is None:
         progress = True
@@ -402,7 +409,7 @@ def prepare(model_or_name: Any, *, dataset: str, threat: str, eps, n_ex, data, d
                   data=evaldata, num_classes=num_classes, threat=threat, norm=norm, eps_text=eps_text, eps=eps_value,
                   version=version, attacks=attack_list, seed=int(seed), batch_size=int(batch_size),
                   batch_auto=batch_auto, device_batch=device_batch, precision=precision, device=dev, channels_last=bool(channels_last),
-                  engine_name=engine, engine_version=_engine_version(engine_cls), results_dir=results_dir,
+                  torch_compile=torch_compile, engine_name=engine, engine_version=_engine_version(engine_cls), results_dir=results_dir,
                   run_dir_arg=None if run_dir is None else Path(run_dir).expanduser(), shard=shard, dist=dist,
                   chunk_batches=int(chunk_batches), progress=progress, invocation=invocation, reported=reported)
     configure(setup)
@@ -448,6 +455,8 @@ def configure(setup: Setup) -> None:
         "torch": libs["torch"], "pyautoattack": libs["pyautoattack"], "score_zoo": libs["score-zoo"],
         "device_type": setup.device.type, "channels_last": setup.channels_last,
     }
+    if setup.torch_compile is not None:  # compiled kernels round differently from eager ones
+        setup.config["torch_compile"] = setup.torch_compile
     setup.config_hash = config_hash(setup.config)
     setup.invocation["batch_size"] = setup.batch_size
     setup.run_dir = setup.run_dir_arg or constants.cache_dir() / "runs" / setup.config_hash[:16]

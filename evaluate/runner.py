@@ -26,12 +26,13 @@ from torch import nn
 
 from zoo.errors import BadInputError, ZooError
 
+from .compiled import compiled_for_attacks
 from .engine import AttackView, engine_class, make_engine
 from .estimate import Plan, estimate, fmt_seconds, plan_text
 from .prepare import (DEFAULT_CHUNK_BATCHES, Setup, configure, invocation_kwargs, library_versions, precision_mode,
                       prepare, strict_fp32, tf32_in_effect)
 from .record import Accuracy, AdversarialCheckError, PerExample, RunRecord, Stage, check_adversarial, per_example_path
-from .sharding import merge_states, shard_bounds, shard_path, wait_for_shards
+from .sharding import merge_states, shard_bounds, shard_path, unfinished_shards, wait_for_shards
 from .state import CLEAN_STAGE, ShardState, config_differences, read_config, write_config_once
 
 log = logging.getLogger("zoo.evaluate")
@@ -88,7 +89,11 @@ def _run_shard(setup: Setup, state: ShardState, path: Path) -> None:
     x_all = setup.data.x[positions].contiguous()
     y_all = setup.data.y[positions]
     n = len(state.positions)
-    view = AttackView(setup.model, torch.bfloat16 if setup.precision == "bf16" else None)
+    autocast_dtype = torch.bfloat16 if setup.precision == "bf16" else None
+    if setup.attack_model is None:  # compiled here, not in prepare: plan() and merge() never attack
+        setup.attack_model = compiled_for_attacks(setup.model, setup.torch_compile, tuple(x_all.shape[1:]), dev,
+                                                  autocast_dtype)
+    view = AttackView(setup.attack_model, autocast_dtype)
     engine = make_engine(setup.engine_name, view, norm=setup.norm, eps=setup.eps, version=setup.version,
                          attacks=list(setup.attacks), seed=setup.seed, device=dev, precision=setup.precision,
                          max_device_batch=setup.device_batch)
@@ -270,7 +275,7 @@ def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> Ru
         checkpoint={k: setup.checkpoint.get(k) for k in ("source", "sha256", "path", "weights_sha256")},
         data=dict(setup.data.source), config_hash=setup.config_hash, created=doc["created"], complete=True,
         per_example_file=f"{doc['run_id']}.npz",
-        extra={"shards": merged.shard_count, "channels_last": setup.channels_last,
+        extra={"shards": merged.shard_count, "channels_last": setup.channels_last, "torch_compile": setup.torch_compile,
                "tf32": tf32_in_effect(setup.precision, setup.device), "clean_seconds": round(merged.clean_seconds, 3),
                "fp32_rejected_successes": merged.rejected, "decision_ties": ties,
                "pass_counts": "images through the model inside the attacks (forward / backward)",
@@ -326,20 +331,12 @@ def _execute(setup: Setup) -> RunRecord | None:
                 return None
             wait_for_shards(setup.run_dir, k)
         else:
-            pending = [j for j in range(k) if not _shard_done(setup.run_dir, j, k)]
+            pending = unfinished_shards(setup.run_dir, k)
             if pending:
                 log.info("shard %d/%d finished; still waiting for shard(s) %s. When they are done, the last one "
                          "writes the record (or run `zoo-eval merge %s`)", i, k, pending, setup.run_dir)
                 return None
     return _finalize(setup, doc, k)
-
-
-def _shard_done(run_dir: Path, index: int, count: int) -> bool:
-    path = shard_path(run_dir, index, count)
-    try:
-        return path.exists() and ShardState.load(path).done
-    except BadInputError:
-        return False
 
 
 # ---------------------------------------------------------------- public API
@@ -353,7 +350,7 @@ def run(model_or_name: nn.Module | str, *, dataset: str = "cifar10", threat: str
         run_dir: str | Path | None = None, checkpoint: str | Path | None = None,
         shard: tuple[int, int] | str | None = None, model_label: str | None = None,
         chunk_batches: int = DEFAULT_CHUNK_BATCHES, channels_last: bool | None = None,
-        progress: bool | None = None) -> RunRecord | None:
+        torch_compile: str | None = None, progress: bool | None = None) -> RunRecord | None:
     """Evaluate a model with AutoAttack, faithfully to pyautoattack, resumably; returns the RunRecord.
 
     ``model_or_name`` is a registry name (loaded with ``zoo.load``, ``checkpoint=PATH`` overriding the
@@ -366,7 +363,7 @@ def run(model_or_name: nn.Module | str, *, dataset: str = "cifar10", threat: str
                      data_dir=data_dir, version=version, attacks=attacks, seed=seed, batch_size=batch_size,
                      device=device, precision=precision, engine=engine, results_dir=results_dir, run_dir=run_dir,
                      checkpoint=checkpoint, shard=shard, model_label=model_label, chunk_batches=chunk_batches,
-                     channels_last=channels_last, progress=progress)
+                     channels_last=channels_last, torch_compile=torch_compile, progress=progress)
     while True:
         try:
             return _execute(setup)

@@ -87,19 +87,17 @@ def shard_path(run_dir: Path, index: int, count: int) -> Path:
     return Path(run_dir) / shard_file_name(index, count)
 
 
+def unfinished_shards(run_dir: Path, count: int) -> list[int]:
+    """The indices of this split's shards whose state files are missing or not finished yet."""
+    return [i for i in range(count) if not ShardState.is_finished(shard_path(run_dir, i, count))]
+
+
 def wait_for_shards(run_dir: Path, count: int, poll_seconds: float = 2.0, timeout: float | None = None) -> None:
     """Block until all ``count`` shard files of this split exist and are finished (rank 0 does this)."""
     start = time.monotonic()
     last_note = 0.0
     while True:
-        pending = []
-        for i in range(count):
-            path = shard_path(run_dir, i, count)
-            try:
-                if not (path.exists() and ShardState.load(path).done):
-                    pending.append(i)
-            except BadInputError:  # being replaced right now; look again
-                pending.append(i)
+        pending = unfinished_shards(run_dir, count)
         if not pending:
             return
         waited = time.monotonic() - start

@@ -150,6 +150,20 @@ class ShardState:
     def save(self, path: str | Path) -> Path:
         return atomic_write_bytes(path, self.to_bytes())
 
+    @staticmethod
+    def is_finished(path: str | Path) -> bool:
+        """Whether the state file at ``path`` exists, is readable and has every stage done.
+
+        Reads only the small ``meta`` member (not the adversarial images), so waiting ranks can poll cheaply;
+        a file being replaced right now counts as not finished.
+        """
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                meta = json.loads(str(npz["meta"]))
+            return meta.get("state_version") == STATE_VERSION and meta["stage"] >= meta["n_stages"]
+        except Exception:  # absent, truncated, mid-replacement
+            return False
+
     @classmethod
     def load(cls, path: str | Path) -> "ShardState":
         path = Path(path)

@@ -10,7 +10,8 @@ import eval_helpers as h
 from zoo.errors import BadInputError
 from zoo.evaluate import cli, merge, run
 from zoo.evaluate.record import PerExample, per_example_path
-from zoo.evaluate.sharding import parse_shard, shard_bounds
+from zoo.evaluate.sharding import parse_shard, shard_bounds, shard_path, unfinished_shards
+from zoo.evaluate.state import ShardState
 
 ATTACKS = ["apgd-ce", "apgd-t"]
 
@@ -22,6 +23,21 @@ def test_shard_bounds_are_contiguous_balanced_and_complete(n, k):
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
     sizes = [stop - start for start, stop in bounds]
     assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1 and sum(sizes) == n
+
+
+def test_unfinished_shards_reads_missing_partial_corrupt_and_finished_files(tmp_path):
+    def state(index, stage):
+        st = ShardState.new("h" * 64, index, 4, np.arange(index * 2, index * 2 + 2), 2, (3, 2, 2))
+        st.stage = stage
+        return st
+
+    state(0, 2).save(shard_path(tmp_path, 0, 4))          # finished (2 stages done)
+    state(1, 1).save(shard_path(tmp_path, 1, 4))          # still in its second stage
+    shard_path(tmp_path, 2, 4).write_bytes(b"PK\x03\x04 half a zip")   # mid-replacement / truncated
+    assert unfinished_shards(tmp_path, 4) == [1, 2, 3]    # 3 does not exist yet
+    assert ShardState.is_finished(shard_path(tmp_path, 0, 4))
+    state(1, 2).save(shard_path(tmp_path, 1, 4))
+    assert unfinished_shards(tmp_path, 4) == [2, 3]
 
 
 def test_shard_bounds_and_parse_refuse_nonsense():

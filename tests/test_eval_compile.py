@@ -1,0 +1,85 @@
+"""``--torch-compile``: the attacks through torch.compile, padded to a few batch shapes, same results."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import eval_helpers as h
+from test_eval_faithful import MERGED_X_ADV_TOLERANCE, TINY_ATTACKS, _assert_same_as_reference, _run, _tiny_reference
+from zoo.errors import BadInputError
+from zoo.evaluate import compiled, plan
+from zoo.evaluate.cli import main as zoo_eval
+
+needs_compiler = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                                    reason="torch.compile's CPU backend needs a C++ compiler")
+
+
+def test_bucket_sizes_are_few_and_never_too_small():
+    sizes = {compiled.bucket_size(n) for n in range(1, 4097)}
+    assert all(compiled.bucket_size(n) >= n for n in range(1, 4097))
+    assert max(compiled.bucket_size(n) / n for n in range(9, 4097)) <= 4 / 3 + 1e-9
+    assert len(sizes) <= 4 * 10   # four per doubling from 8 to 4096
+    assert compiled.bucket_size(250) == 256 and compiled.bucket_size(1) == compiled.SMALLEST_BUCKET
+
+
+def test_padded_batches_give_the_same_logits_and_input_gradients():
+    model = h.train_tiny_cnn()
+    x, _ = h.synthetic_images(13, seed=4)
+    padded = compiled.PaddedBatches(model)
+    calls = []
+    padded.module.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_a, out_b = model(xa), padded(xb)
+    assert calls[-1] == compiled.bucket_size(13) == 14 and out_b.shape == out_a.shape
+    torch.testing.assert_close(out_b, out_a, rtol=0, atol=1e-5)
+    (ga,), (gb,) = torch.autograd.grad(out_a[:, 3].sum(), [xa]), torch.autograd.grad(out_b[:, 3].sum(), [xb])
+    torch.testing.assert_close(gb, ga, rtol=0, atol=1e-6)
+
+
+def test_unknown_mode_and_a_failing_compile_are_clear_errors(monkeypatch):
+    model = h.train_tiny_cnn()
+    with pytest.raises(BadInputError, match="unknown torch.compile mode"):
+        compiled.compiled_for_attacks(model, "fastest", (3, 32, 32), torch.device("cpu"))
+
+    def broken_compile(module, **kwargs):
+        def fails(x):
+            raise RuntimeError("backend exploded\nlong traceback")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.raises(BadInputError, match="backend exploded") as err:
+        compiled.compiled_for_attacks(model, "default", (3, 32, 32), torch.device("cpu"))
+    assert "drop --torch-compile" in err.value.hint and "long traceback" not in str(err.value)
+
+
+def test_cli_refuses_an_unknown_mode(capsys):
+    assert zoo_eval(["--model", "score-wrn-28-10", "--torch-compile", "fastest", "--dry-run"]) == 2
+    assert "--torch-compile" in capsys.readouterr().err
+
+
+def test_compile_mode_is_part_of_the_configuration(tmp_path):
+    x, y = h.synthetic_images(8, seed=2)
+    data_file = h.write_npz(tmp_path / "d.npz", x, y)
+    kw = dict(data=data_file, model_label="tiny", results_dir=tmp_path / "res", device="cpu", eps=h.TINY_EPS)
+    eager = plan(h.train_tiny_cnn(), **kw)
+    fused = plan(h.train_tiny_cnn(), torch_compile="default", **kw)
+    assert fused.setup.config["torch_compile"] == "default" and "torch_compile" not in eager.setup.config
+    assert fused.setup.config_hash != eager.setup.config_hash
+    assert fused.setup.attack_model is None   # planning compiles nothing
+
+
+@needs_compiler
+@pytest.mark.parametrize("engine", ["reference", "native"])
+def test_compiled_run_matches_the_reference(tmp_path, engine):
+    """Measured on this CPU: flags identical, x_adv bit-identical for the reference engine."""
+    model = h.train_tiny_cnn()
+    x, y, ref = _tiny_reference()
+    data_file = h.write_npz(tmp_path / "d.npz", x, y)
+    record, pe = _run(model, data_file, tmp_path, eps=h.TINY_EPS, version="custom", attacks=list(TINY_ATTACKS),
+                      batch_size=8, chunk_batches=2, engine=engine, torch_compile="default")
+    assert record.extra["torch_compile"] == "default"
+    assert record.stages[1].backward_passes > 0
+    _assert_same_as_reference(record, pe, ref, x, MERGED_X_ADV_TOLERANCE)
+    assert np.array_equal(pe.robust, ref["robust"].numpy())
