@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check in one call: install the carried wheels if pyautoattack is missing, then bench/bench_gpu.py.
+# The GPU check in one call: install the carried wheels if pyautoattack is missing, run the CUDA-only tests
+# (skipped everywhere else), then bench/bench_gpu.py in the time that is left.
 #
 #   bash bench/gpu_check.sh                 # on the GPU machine (see bench/README.md for the run call)
 #   bash bench/gpu_check.sh --smoke         # anywhere: tiny sizes on the CPU, skips the install when it can
 #
 # Arguments go to bench_gpu.py. Environment: PYTHON (default python3), GPU_CHECK_LIMIT_S (hard stop for the
-# Python process, default 450 s; it gets SIGINT first and prints what it measured), OUT (log folder).
+# whole check, default 450 s; bench_gpu.py gets SIGINT first and prints what it measured), GPU_CHECK_TESTS
+# (0 skips the CUDA tests), OUT (log folder).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1
@@ -34,7 +36,29 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 
 LIMIT=${GPU_CHECK_LIMIT_S:-450}
-timeout -s INT -k 20 "$LIMIT" "$PY" bench/bench_gpu.py "$@"
+TESTS="not run"
+if [ "${GPU_CHECK_TESTS:-1}" != 0 ] && "$PY" -c "import torch, pytest, yaml; assert torch.cuda.is_available()" 2>/dev/null; then
+    # The tests import zoo.evaluate as installed (evaluate/ -> zoo.evaluate): build the project offline.
+    if "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
+            --target /tmp/zoo-site . >/tmp/zoo-install.log 2>&1; then
+        echo "# CUDA-only tests (tests/test_eval_devices.py -k gpu), at most 150 s"
+        # from /tmp: `python -m pytest` puts its working directory first on sys.path, and ./zoo lacks evaluate/
+        (cd /tmp && PYTHONPATH=/tmp/zoo-site:$PYTHONPATH timeout -s INT -k 10 150 "$PY" -m pytest -q \
+            -p no:cacheprovider "$OLDPWD/tests/test_eval_devices.py" -k gpu) 2>&1 | tee /tmp/gpu-tests.log | tail -n 30
+        TESTS=$(grep -E " in [0-9.]+s" /tmp/gpu-tests.log | tail -n 1)
+        TESTS=${TESTS:-"no pytest summary (stopped at 150 s?): see gpu_tests.log"}
+        [ -n "${OUT:-}" ] && cp /tmp/gpu-tests.log "$OUT/gpu_tests.log"
+    else
+        TESTS="not run: building the project failed ($(tail -n 1 /tmp/zoo-install.log))"
+    fi
+fi
+LEFT=$((LIMIT - SECONDS))
+if [ "$LEFT" -lt 60 ]; then
+    echo "# CUDA tests: $TESTS"; echo "# no time left for bench_gpu.py"; exit 1
+fi
+# --budget-s first: an explicit --budget-s among the arguments comes later and wins
+timeout -s INT -k 20 "$LEFT" "$PY" bench/bench_gpu.py --budget-s $((LEFT - 30)) "$@"
 rc=$?
-[ "$rc" -eq 124 ] && echo "# bench_gpu.py was stopped after ${LIMIT} s (GPU_CHECK_LIMIT_S)"
+[ "$rc" -eq 124 ] && echo "# bench_gpu.py was stopped after ${LEFT} s (GPU_CHECK_LIMIT_S)"
+echo "# CUDA tests: $TESTS"
 exit "$rc"

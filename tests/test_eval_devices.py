@@ -202,3 +202,26 @@ def test_gpu_reduced_precisions_are_recorded_and_checked_in_fp32(tmp_path, synth
     assert len(record.extra["fp32_rejected_successes"]) == 2
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
     assert pe.robust.sum() <= pe.clean_correct.sum()
+
+
+@needs_cuda
+def test_gpu_native_engine_in_fp32_matches_the_reference_engine(tmp_path, synthetic_data_file, deterministic_cudnn):
+    """Merged device batches on the GPU: the same flags as the reference engine (fp32, TF32 off)."""
+    _, ref, ref_pe = _gpu_run(tmp_path, synthetic_data_file, "ref", batch_size=2, attacks=["apgd-ce", "apgd-t", "square"])
+    _, nat, nat_pe = _gpu_run(tmp_path, synthetic_data_file, "nat", batch_size=2, attacks=["apgd-ce", "apgd-t", "square"],
+                              engine="native")
+    assert nat.engine.startswith("native ") and ref.engine.startswith("reference ")
+    assert np.array_equal(nat_pe.robust, ref_pe.robust)
+    assert np.array_equal(nat_pe.broken_by, ref_pe.broken_by)
+
+
+@needs_cuda
+def test_gpu_compiled_bf16_native_run_is_checked_in_fp32(tmp_path, synthetic_data_file):
+    """torch.compile + bf16 + merged batches on the GPU; every success confirmed by an eager fp32 forward."""
+    _, eager, eager_pe = _gpu_run(tmp_path, synthetic_data_file, "eager", batch_size=4, engine="native",
+                                  precision="bf16")
+    _, fused, fused_pe = _gpu_run(tmp_path, synthetic_data_file, "fused", batch_size=4, engine="native",
+                                  precision="bf16", torch_compile="default")
+    assert fused.extra["torch_compile"] == "default" and eager.extra["torch_compile"] is None
+    assert fused.stages[1].backward_passes > 0
+    assert abs(int(fused_pe.robust.sum()) - int(eager_pe.robust.sum())) <= 1   # bf16 rounding only
