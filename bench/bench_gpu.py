@@ -655,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--budget-s", type=float, default=None, help="stop measuring after this many seconds "
                                                                "(default 420; smoke 120)")
+    p.add_argument("--budget-cap-s", type=float, default=None,
+                   help="at most this many seconds whatever the budget (gpu_check.sh passes the time it has left)")
     p.add_argument("--wrn-70-16", action="store_true", help="then WRN-70-16 (tf32 and bf16 rows), if time is left")
     p.add_argument("--eps", type=float, default=None, help="skip the eps calibration (value in [0, 1] units)")
     p.add_argument("--no-channels-last", action="store_true", help="keep the model NCHW (zoo-eval uses "
@@ -665,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", default=None, help="also write the output here (default: $OUT/gpu_check.log if $OUT)")
     args = p.parse_args(argv)
 
-    budget = Budget(args.budget_s if args.budget_s is not None else (120 if args.smoke else 420))
+    seconds = args.budget_s if args.budget_s is not None else (120 if args.smoke else 420)
+    budget = Budget(seconds if args.budget_cap_s is None else min(seconds, args.budget_cap_s))
     log_path = Path(args.log) if args.log else (Path(os.environ["OUT"]) / "gpu_check.log" if os.environ.get("OUT")
                                                   else None)
     log = Log(log_path)

@@ -1,11 +1,11 @@
 """``--torch-compile``: the attacks' forward and backward passes through ``torch.compile``.
 
 The attacks form batches of many sizes (reference batches, merged batches, the shrinking set of robust
-points). The model is compiled once with a symbolic batch size, and every batch is padded up to one of a
-few bucket sizes (four per doubling) so that CUDA graphs (modes ``reduce-overhead`` / ``max-autotune``) are
-recorded for a handful of shapes rather than one per batch. Padding rows copy the first image; in eval mode
-every image's logits depend on that image alone, and the padded rows' outputs are dropped before any loss,
-so they change nothing but the work done (at most a third more).
+points). The model is compiled with only the batch dimension symbolic, and every batch is padded up to one
+of a few bucket sizes (four per doubling) so that CUDA graphs (modes ``reduce-overhead`` / ``max-autotune``)
+are recorded for a handful of shapes rather than one per batch. Padding rows copy the first image; in eval
+mode every image's logits depend on that image alone, and the padded rows' outputs are dropped before any
+loss, so they change nothing but the work done (at most a third more).
 
 Clean predictions and fp32 checks keep the eager model: compiled kernels may round differently.
 """
@@ -31,8 +31,19 @@ def bucket_size(n: int) -> int:
     return -(-n // step) * step
 
 
+def _keep_backward_buffers() -> None:
+    """FAB differentiates one forward once per class (``retain_graph=True``), which compiled backwards refuse
+    when they donate their saved buffers. The backward is compiled lazily, at its first call inside the
+    attacks, so the switch is set for the process (a memory saving of compiled backwards, not a result)."""
+    from torch._functorch import config
+
+    if hasattr(config, "donated_buffer"):   # absent on older PyTorch, which donates nothing
+        config.donated_buffer = False
+
+
 class PaddedBatches(nn.Module):
-    """Calls ``module`` on batches padded to :func:`bucket_size`; returns the rows of the real images."""
+    """Calls the compiled ``module`` on NCHW-contiguous batches padded to :func:`bucket_size`, batch
+    dimension marked dynamic; returns the rows of the real images."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -40,25 +51,30 @@ class PaddedBatches(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        size = bucket_size(n)
-        if n == 0 or size == n:
+        if n == 0:
             return self.module(x)
-        pad = x[:1].detach().expand(size - n, *x.shape[1:])
-        return self.module(torch.cat([x, pad]))[:n]
+        size = bucket_size(n)
+        if size > n:
+            x = torch.cat([x, x[:1].detach().expand(size - n, *x.shape[1:])])
+        x = x.contiguous()   # one memory layout: each layout would be another compiled graph
+        torch._dynamo.maybe_mark_dynamic(x, 0)   # a model that needs a fixed batch size gets one graph per bucket
+        return self.module(x)[:n]
 
 
 def compiled_for_attacks(model: nn.Module, mode: str | None, image_shape: tuple[int, ...],
                          device: torch.device, autocast_dtype: torch.dtype | None = None) -> nn.Module:
     """The model the attacks call: ``model`` itself when ``mode`` is None, else its compiled, padded form.
 
-    Compiled here, forward and forward+backward under the attacks' autocast, so that a model or platform
-    torch.compile cannot handle fails with a clear message before any attack runs.
+    Compiled here — forward, forward+backward and a retained-graph backward, under the attacks' autocast
+    (call it under their TF32 setting too) — so that a model or platform torch.compile cannot handle fails
+    with a clear message before any attack runs.
     """
     if mode is None:
         return model
     if mode not in COMPILE_MODES:
         raise BadInputError(f"unknown torch.compile mode {mode!r}", hint=f"use one of {', '.join(COMPILE_MODES)}")
-    padded = PaddedBatches(torch.compile(model, mode=mode, dynamic=True))
+    _keep_backward_buffers()
+    padded = PaddedBatches(torch.compile(model, mode=mode))
     x = torch.zeros(SMALLEST_BUCKET, *image_shape, device=device)
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
@@ -67,7 +83,11 @@ def compiled_for_attacks(model: nn.Module, mode: str | None, image_shape: tuple[
             padded(x)
         with torch.enable_grad(), autocast:
             x.requires_grad_(True)
-            torch.autograd.grad(padded(x).float().sum(), [x])
+            out = padded(x).float()
+            torch.autograd.grad(out[:, 0].sum(), [x], retain_graph=True)   # FAB's per-class gradients
+            torch.autograd.grad(out.sum(), [x])
+    except torch.cuda.OutOfMemoryError:
+        raise   # the runner's out-of-memory handling applies
     except Exception as exc:  # backend, C++ compiler, unsupported operator: torch.compile raises many kinds
         text = str(exc).strip()
         first = text.splitlines()[0] if text else ""

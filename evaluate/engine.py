@@ -51,10 +51,12 @@ class AttackView(nn.Module):
     Counting happens here rather than in the engine so every engine reports the same quantities.
     """
 
-    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None,
+                 fp32_model: nn.Module | None = None):
         super().__init__()
         self.model = model
         self.autocast_dtype = autocast_dtype
+        self.fp32_model = model if fp32_model is None else fp32_model   # eager, for checks in full precision
         self.forward_images = 0
         self.backward_images = 0
 

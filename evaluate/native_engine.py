@@ -54,11 +54,10 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
 
 
 def _fp32_module(model: nn.Module) -> nn.Module:
-    """The module that computes in full precision: the runner's AttackView may add its own autocast."""
-    inner = getattr(model, "model", None)
-    if getattr(model, "autocast_dtype", None) is not None and isinstance(inner, nn.Module):
-        return inner
-    return model
+    """The module that computes in full precision: the runner's AttackView may add its own autocast and
+    call a compiled model; its ``fp32_model`` is the eager one."""
+    eager = getattr(model, "fp32_model", None)
+    return eager if isinstance(eager, nn.Module) else model
 
 
 class ModelCalls:

@@ -91,9 +91,10 @@ def _run_shard(setup: Setup, state: ShardState, path: Path) -> None:
     n = len(state.positions)
     autocast_dtype = torch.bfloat16 if setup.precision == "bf16" else None
     if setup.attack_model is None:  # compiled here, not in prepare: plan() and merge() never attack
-        setup.attack_model = compiled_for_attacks(setup.model, setup.torch_compile, tuple(x_all.shape[1:]), dev,
-                                                  autocast_dtype)
-    view = AttackView(setup.attack_model, autocast_dtype)
+        with precision_mode(setup.precision, dev):   # the TF32 setting is part of what gets compiled
+            setup.attack_model = compiled_for_attacks(setup.model, setup.torch_compile, tuple(x_all.shape[1:]),
+                                                      dev, autocast_dtype)
+    view = AttackView(setup.attack_model, autocast_dtype, fp32_model=setup.model)
     engine = make_engine(setup.engine_name, view, norm=setup.norm, eps=setup.eps, version=setup.version,
                          attacks=list(setup.attacks), seed=setup.seed, device=dev, precision=setup.precision,
                          max_device_batch=setup.device_batch)
@@ -368,6 +369,9 @@ def run(model_or_name: nn.Module | str, *, dataset: str = "cifar10", threat: str
         try:
             return _execute(setup)
         except torch.cuda.OutOfMemoryError:
+            if setup.torch_compile is not None:   # CUDA graphs keep their memory pools until dynamo lets go
+                setup.attack_model = None
+                torch._dynamo.reset()
             torch.cuda.empty_cache()
             before = setup.device_batch
             if _shrink_device_batch(setup):

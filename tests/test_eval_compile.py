@@ -9,7 +9,8 @@ import torch
 import eval_helpers as h
 from test_eval_faithful import MERGED_X_ADV_TOLERANCE, TINY_ATTACKS, _assert_same_as_reference, _run, _tiny_reference
 from zoo.errors import BadInputError
-from zoo.evaluate import compiled, plan
+from zoo.evaluate import compiled, plan, run, runner
+from zoo.evaluate.engine import ReferenceEngine
 from zoo.evaluate.cli import main as zoo_eval
 
 needs_compiler = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
@@ -83,3 +84,43 @@ def test_compiled_run_matches_the_reference(tmp_path, engine):
     assert record.stages[1].backward_passes > 0
     _assert_same_as_reference(record, pe, ref, x, MERGED_X_ADV_TOLERANCE)
     assert np.array_equal(pe.robust, ref["robust"].numpy())
+
+
+@needs_compiler
+@pytest.mark.parametrize("engine", ["reference", "native"])
+def test_compiled_untargeted_fab_differentiates_one_forward_per_class(tmp_path, engine):
+    """FAB's Jacobian takes one backward per class through one compiled forward (retain_graph=True)."""
+    model = h.train_tiny_cnn()
+    x, y = h.synthetic_images(8, seed=3)
+    data_file = h.write_npz(tmp_path / "d.npz", x, y)
+    kw = dict(eps=h.TINY_EPS, version="custom", attacks=["fab"], batch_size=4, engine=engine)
+    _, eager = _run(model, data_file, tmp_path, name="eager", **kw)
+    record, fused = _run(model, data_file, tmp_path, name="fused", torch_compile="default", **kw)
+    assert record.stages[0].backward_passes > 0
+    assert np.array_equal(fused.robust, eager.robust)
+    assert np.abs(fused.full_x_adv(x.numpy()) - eager.full_x_adv(x.numpy())).max() <= MERGED_X_ADV_TOLERANCE
+
+
+def test_out_of_memory_drops_the_compiled_model_before_retrying(tmp_path, synthetic_data_file, monkeypatch):
+    """CUDA graphs hold memory pools: after an out-of-memory error the retry compiles afresh."""
+    built = []
+
+    def fake_compile(model, mode, image_shape, device, autocast_dtype=None):
+        built.append(mode)
+        return model
+
+    monkeypatch.setattr(runner, "compiled_for_attacks", fake_compile)
+    original = ReferenceEngine.attack_batch
+
+    def attack_batch(self, attack, x, y):
+        if len(x) > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, attack, x, y)
+
+    monkeypatch.setattr(ReferenceEngine, "attack_batch", attack_batch)
+    monkeypatch.setenv("SCORE_ZOO_CACHE", str(tmp_path / "cache"))
+    record = run(h.train_tiny_cnn(), data=synthetic_data_file, eps=h.TINY_EPS, version="custom", attacks=["apgd-ce"],
+                 device="cpu", results_dir=tmp_path / "results", model_label="tiny", progress=False,
+                 torch_compile="reduce-overhead")
+    assert record.batch_size <= 4 and record.extra["torch_compile"] == "reduce-overhead"
+    assert len(built) >= 2 and set(built) == {"reduce-overhead"}
