@@ -124,3 +124,20 @@ def test_out_of_memory_drops_the_compiled_model_before_retrying(tmp_path, synthe
                  torch_compile="reduce-overhead")
     assert record.batch_size <= 4 and record.extra["torch_compile"] == "reduce-overhead"
     assert len(built) >= 2 and set(built) == {"reduce-overhead"}
+
+
+@needs_compiler
+def test_cli_compiled_run_then_resume_keeps_the_mode(tmp_path, monkeypatch, capsys):
+    """zoo-eval --torch-compile runs a registry model; --resume of its folder rebuilds the same configuration."""
+    ckpt, data_file, _, _ = h.tiny_registry_inputs(tmp_path, monkeypatch)
+    run_dir = tmp_path / "run"
+    args = ["--model", h.TINY_REGISTRY_MODEL, "--checkpoint", str(ckpt), "--data", str(data_file), "--attacks",
+            "apgd-ce", "--eps", "1/255", "--batch-size", "3", "--device", "cpu", "--results-dir",
+            str(tmp_path / "results"), "--run-dir", str(run_dir), "--no-progress", "--torch-compile", "default"]
+    assert zoo_eval(args) == 0
+    first = capsys.readouterr().out
+    assert zoo_eval(["--resume", str(run_dir), "--no-progress"]) == 0   # finished: same record, no attack
+    again = capsys.readouterr().out
+    assert first.strip().splitlines()[0] == again.strip().splitlines()[0]
+    assert zoo_eval(["--resume", str(run_dir), "--torch-compile", "max-autotune", "--no-progress"]) == 2
+    assert "torch_compile" in capsys.readouterr().err
