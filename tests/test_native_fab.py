@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_native_support import (assert_flags_match, assert_merged_matches_separate, cnn_a,  # noqa: F401
+from test_native_support import (assert_flags_match, assert_merged_matches_separate, calibrated, cnn_a,  # noqa: F401
                                  correct_points, fooled, make_engine, make_reference,
                                  reference_perturb, trained_cnn)
 from zoo.evaluate.native_engine import NativeOptions
@@ -59,8 +59,9 @@ def test_untargeted_fab_with_random_restarts():
     """'plus' runs FAB with 5 restarts; restarts after the first start from per-batch random points."""
     model = trained_cnn()
     x, y = correct_points(model, 8)
-    engine = make_engine(model, "Linf", 0.8 / 255, version="plus", fab_iter=8)
-    aa = make_reference(model, "Linf", 0.8 / 255, version="plus", fab_iter=8)
+    eps = calibrated(real=0.8 / 255, synthetic=4 / 255)
+    engine = make_engine(model, "Linf", eps, version="plus", fab_iter=8)
+    aa = make_reference(model, "Linf", eps, version="plus", fab_iter=8)
     want = reference_perturb(aa, "fab", x, y)
     got = engine.attack_batch("fab", x, y)
     assert (got - want).abs().max().item() <= 1e-6

@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_native_support import (assert_flags_match, assert_merged_matches_separate, cnn_a,  # noqa: F401
+from test_native_support import (assert_flags_match, assert_merged_matches_separate, calibrated, cnn_a,  # noqa: F401
                                  correct_points, fooled, make_engine, make_reference,
                                  reference_perturb, trained_cnn)
 from zoo.evaluate.native_engine import NativeOptions
 
 CASES = [  # model, norm, eps, queries
     (trained_cnn, "Linf", 4 / 255, 150),
-    (trained_cnn, "L2", 0.3, 150),
+    (trained_cnn, "L2", calibrated(real=0.3, synthetic=2.0), 150),
     (cnn_a, "Linf", 8 / 255, 100),
     (cnn_a, "L2", 0.5, 100),
 ]

@@ -37,6 +37,12 @@ class Normalized(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
+def calibrated(real: float, synthetic: float) -> float:
+    """A test's eps for real CIFAR-10 or for the synthetic stand-in (on which the small CNN is far more robust
+    to Square's L2 steps and FAB's few iterations), chosen so the case has both robust and fooled points."""
+    return real if CIFAR.is_file() else synthetic
+
+
 def images(n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Real CIFAR-10 test images (contiguous NCHW in [0, 1]) or, without ../shared, fixed synthetic ones."""
     if CIFAR.is_file():
