@@ -58,7 +58,9 @@ class PaddedBatches(nn.Module):
             x = torch.cat([x, x[:1].detach().expand(size - n, *x.shape[1:])])
         x = x.contiguous()   # one memory layout: each layout would be another compiled graph
         torch._dynamo.maybe_mark_dynamic(x, 0)   # a model that needs a fixed batch size gets one graph per bucket
-        return self.module(x)[:n]
+        # a copy: CUDA graphs (reduce-overhead) overwrite their outputs at the next replay, and the attacks
+        # keep logits across model calls
+        return self.module(x)[:n].clone()
 
 
 def compiled_for_attacks(model: nn.Module, mode: str | None, image_shape: tuple[int, ...],
