@@ -196,6 +196,24 @@ def _start_noise(x: Tensor, idx: Tensor, layout: "ReferenceBatches", s: ApgdSett
     return noise.to(x.device)
 
 
+def _attack_still_robust(calls: "ModelCalls", x: Tensor, y: Tensor, robust: Tensor, x_out: Tensor,
+                         layout: "ReferenceBatches", s: ApgdSettings,
+                         loss_for: Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]]) -> bool:
+    """One APGD run (one restart) on the points still robust, updating ``robust`` and ``x_out`` with the
+    confirmed successes; False when no point was left to attack. ``loss_for(xs, ys)`` builds the loss."""
+    idx = robust.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return False
+    xs, ys = x[idx], y[idx]
+    loss = loss_for(xs, ys)
+    start = random_start(xs, _start_noise(x, idx, layout, s), s)
+    still, adv = run(calls, xs, ys, loss, start, s)
+    fooled = calls.confirm(adv, ys, ~still)
+    robust[idx[fooled]] = False
+    x_out[idx[fooled]] = adv[fooled]
+    return True
+
+
 def untargeted(calls: "ModelCalls", x: Tensor, y: Tensor, layout: "ReferenceBatches", s: ApgdSettings,
                loss: str = "ce") -> Tensor:
     """APGD-CE / APGD-DLR on every reference batch of the merged ``x`` (the reference's ``perturb``)."""
@@ -203,15 +221,8 @@ def untargeted(calls: "ModelCalls", x: Tensor, y: Tensor, layout: "ReferenceBatc
     x_out = x.clone()
     robust = calls.logits(x).max(1)[1] == y
     for _ in range(s.n_restarts):
-        idx = robust.nonzero().squeeze(1)
-        if idx.numel() == 0:
+        if not _attack_still_robust(calls, x, y, robust, x_out, layout, s, lambda xs, ys: make_loss(ys)):
             break
-        xs, ys = x[idx], y[idx]
-        start = random_start(xs, _start_noise(x, idx, layout, s), s)
-        still, adv = run(calls, xs, ys, make_loss(ys), start, s)
-        fooled = calls.confirm(adv, ys, ~still)
-        robust[idx[fooled]] = False
-        x_out[idx[fooled]] = adv[fooled]
     return x_out
 
 
@@ -220,15 +231,11 @@ def targeted(calls: "ModelCalls", x: Tensor, y: Tensor, layout: "ReferenceBatche
     x_out = x.clone()
     robust = calls.logits(x).max(1)[1] == y
     for rank in range(2, s.n_target_classes + 2):
+
+        def towards_rank(xs: Tensor, ys: Tensor, rank: int = rank) -> Callable[[Tensor], Tensor]:
+            return targeted_dlr_loss(ys, calls.logits(xs).sort(dim=1)[1][:, -rank])
+
         for _ in range(s.n_restarts):
-            idx = robust.nonzero().squeeze(1)
-            if idx.numel() == 0:
+            if not _attack_still_robust(calls, x, y, robust, x_out, layout, s, towards_rank):
                 return x_out
-            xs, ys = x[idx], y[idx]
-            target = calls.logits(xs).sort(dim=1)[1][:, -rank]
-            start = random_start(xs, _start_noise(x, idx, layout, s), s)
-            still, adv = run(calls, xs, ys, targeted_dlr_loss(ys, target), start, s)
-            fooled = calls.confirm(adv, ys, ~still)
-            robust[idx[fooled]] = False
-            x_out[idx[fooled]] = adv[fooled]
     return x_out
