@@ -200,11 +200,6 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor
         return torch.cat([model(c).float() for c in x.split(batch)])
 
 
-def margins_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    return true - logits.scatter(1, y[:, None], -float("inf")).max(1)[0]
-
-
 # ---------------------------------------------------------------- engines
 
 
@@ -479,8 +474,10 @@ def compare_rows(model, mine: Row, ref: Row, y: torch.Tensor, exact: bool) -> tu
     else:
         short += " ok" if abs(pp) <= 0.1 else " OVER 0.1 pp"
     idx = diff[:8]
-    m_mine = margins_of(predict(model, mine.adv[idx]), y[idx]).tolist()
-    m_ref = margins_of(predict(model, ref.adv[idx]), y[idx]).tolist()
+    from zoo.evaluate.native_square import margins
+
+    m_mine = margins(predict(model, mine.adv[idx]), y[idx]).tolist()
+    m_ref = margins(predict(model, ref.adv[idx]), y[idx]).tolist()
     listed = ", ".join(f"#{int(i)} ({a:+.1e}/{b:+.1e})" for i, a, b in zip(idx, m_mine, m_ref))
     return short, f"{short}; fp32 margins mine/ref: {listed}{' ...' if diff.numel() > 8 else ''}"
 

@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_native_support import CIFAR, CNN_A, cnn_a, images  # noqa: E402  (model and data builders)
+from test_native_support import CIFAR, CNN_A, cnn_a, images, margins  # noqa: E402  (model, data, margins)
 
 from zoo.evaluate.native_engine import NativeEngine, NativeOptions  # noqa: E402
 
@@ -87,13 +87,6 @@ def run_stage(kind: str, attack: str, model, engine, aa, x, y, flags, batch_size
         for b, adv in zip(batches, advs):
             flags[b[model(adv).max(1)[1] != y[b]]] = False
     return seconds
-
-
-def margins(model, x, y) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(x)
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    return true - logits.scatter(1, y[:, None], -float("inf")).max(1)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
