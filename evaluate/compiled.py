@@ -12,12 +12,12 @@ Clean predictions and fp32 checks keep the eager model: compiled kernels may rou
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from zoo.errors import BadInputError
+
+from .engine import AttackView
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SMALLEST_BUCKET = 8
@@ -77,15 +77,14 @@ def compiled_for_attacks(model: nn.Module, mode: str | None, image_shape: tuple[
         raise BadInputError(f"unknown torch.compile mode {mode!r}", hint=f"use one of {', '.join(COMPILE_MODES)}")
     _keep_backward_buffers()
     padded = PaddedBatches(torch.compile(model, mode=mode))
+    as_attacked = AttackView(padded, autocast_dtype)   # the attacks' autocast, as the runner wraps it
     x = torch.zeros(SMALLEST_BUCKET, *image_shape, device=device)
-    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
     try:
-        with torch.no_grad(), autocast:
-            padded(x)
-        with torch.enable_grad(), autocast:
+        with torch.no_grad():
+            as_attacked(x)
+        with torch.enable_grad():
             x.requires_grad_(True)
-            out = padded(x).float()
+            out = as_attacked(x)
             torch.autograd.grad(out[:, 0].sum(), [x], retain_graph=True)   # FAB's per-class gradients
             torch.autograd.grad(out.sum(), [x])
     except torch.cuda.OutOfMemoryError:
