@@ -15,7 +15,7 @@ Timed: the whole call (for ours: data, model checks, cost estimate, attacks, fp3
 Records go to a temporary folder, never the repository's results/.
 
     python bench/bench_eval_cpu.py                       # CNN-A-Adv, eps 2/255, first 100 test images
-    python bench/bench_eval_cpu.py --large-batch-size 250    # also ours at zoo-eval's CPU default batch size
+    python bench/bench_eval_cpu.py --large-batch-size 250    # also ours at zoo-eval's default batch size
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ from test_native_support import CIFAR, CNN_A, cnn_a, margins, trained_cnn  # noq
 
 import zoo.evaluate  # noqa: E402
 from zoo.evaluate.data import load_file  # noqa: E402
-from zoo.evaluate.prepare import CPU_BATCH_SIZE  # noqa: E402
+from zoo.evaluate.options import DEFAULT_BATCH_SIZE  # noqa: E402
 from zoo.evaluate.record import PerExample, per_example_path  # noqa: E402
-from zoo.registry import parse_eps  # noqa: E402
+from zoo.domain import parse_eps  # noqa: E402
 
 ROBUSTBENCH_BATCH_SIZE = 32   # robustbench.eval.benchmark(batch_size=32) in robustbench 1.1.1
 BASELINE_STAGES = {"apgd": "apgd-ce", "apgd_targeted": "apgd-t", "fab": "fab-t", "square": "square"}
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=ROBUSTBENCH_BATCH_SIZE,
                    help="the baseline's batch size, and ours at the same (default: RobustBench's 32)")
     p.add_argument("--large-batch-size", type=int, default=0,
-                   help=f"also run ours (native engine) at this batch size, e.g. {CPU_BATCH_SIZE} (zoo-eval's CPU "
+                   help=f"also run ours (native engine) at this batch size, e.g. {DEFAULT_BATCH_SIZE} (zoo-eval's CPU "
                         "default); 0 (default) skips it, keeping the default run near 3 minutes")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for every run (default 1)")
     p.add_argument("--torch-compile", metavar="MODE", default=None,

@@ -194,7 +194,7 @@ def sync(device: torch.device) -> None:
 
 
 def predict(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    from zoo.evaluate.prepare import strict_fp32
+    from zoo.evaluate.precision import strict_fp32
 
     with torch.no_grad(), strict_fp32(x.device):
         return torch.cat([model(c).float() for c in x.split(batch)])
@@ -217,7 +217,7 @@ class Variant:
 @contextlib.contextmanager
 def precision_switches(precision: str, device: torch.device):
     """TF32 as the variant wants it; 'default' = PyTorch's own (cuDNN TF32 on, matmul TF32 off)."""
-    from zoo.evaluate.prepare import precision_mode
+    from zoo.evaluate.precision import precision_mode
 
     if precision != "default":
         with precision_mode(precision, device):
@@ -233,9 +233,9 @@ def precision_switches(precision: str, device: torch.device):
 
 def make_engine(variant: Variant, model: nn.Module, eps: float, device: torch.device, sizes: Sizes,
                 compile_mode: str | None = None):
-    from zoo.evaluate.compiled import compiled_for_attacks
-    from zoo.evaluate.engine import ReferenceEngine
-    from zoo.evaluate.native_engine import NativeEngine
+    from zoo.evaluate.attacks.compiled import compiled_for_attacks
+    from zoo.evaluate.attacks.reference import ReferenceEngine
+    from zoo.evaluate.attacks.native.engine import NativeEngine
 
     if variant.engine == "native-compiled":   # compiled here (outside the timed stage), as the runner does
         model = compiled_for_attacks(model, compile_mode, (3, 32, 32), device,
@@ -434,7 +434,7 @@ def merged_probe(run: ModelRun, model: nn.Module, x: torch.Tensor, y: torch.Tens
                  budget: Budget, log: Log) -> None:
     """APGD-CE of the native engine on MERGED_BATCHES reference batches at once, as zoo-eval's runner hands
     them over (chunk_batches), with the runner's device-batch cap lifted: would it fit, and is it faster per point?"""
-    from zoo.evaluate.prepare import DEFAULT_CHUNK_BATCHES
+    from zoo.evaluate.options import DEFAULT_CHUNK_BATCHES
 
     n = DEFAULT_CHUNK_BATCHES * run.batch
     xs = x.repeat(math.ceil(n / len(x)), 1, 1, 1)[:n].contiguous()
@@ -474,7 +474,7 @@ def compare_rows(model, mine: Row, ref: Row, y: torch.Tensor, exact: bool) -> tu
     else:
         short += " ok" if abs(pp) <= 0.1 else " OVER 0.1 pp"
     idx = diff[:8]
-    from zoo.evaluate.native_square import margins
+    from zoo.evaluate.attacks.native.square import margins
 
     m_mine = margins(predict(model, mine.adv[idx]), y[idx]).tolist()
     m_ref = margins(predict(model, ref.adv[idx]), y[idx]).tolist()

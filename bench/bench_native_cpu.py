@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_native_support import CIFAR, CNN_A, cnn_a, images, margins  # noqa: E402  (model, data, margins)
 
-from zoo.evaluate.native_engine import NativeEngine, NativeOptions  # noqa: E402
+from zoo.evaluate.attacks.native.engine import NativeEngine, NativeOptions  # noqa: E402
 
 
 def cpu_name() -> str:

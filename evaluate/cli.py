@@ -13,6 +13,7 @@ Every user-fixable problem prints one message naming it and its fix, and exits w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -21,60 +22,26 @@ from typing import Any
 from zoo.errors import BadInputError, ZooError, run_cli
 
 from . import runner
-from .data import default_data_dir
-from .engine import ENGINES, KNOWN_ATTACKS, NORMS, VERSIONS
-from .compiled import COMPILE_MODES
-from .prepare import DEFAULT_CHUNK_BATCHES, PRECISIONS, invocation_kwargs
+from .options import RunOptions
 
 log = logging.getLogger("zoo.evaluate")
-
-# Flags whose value, when given next to --resume, must agree with the run folder's configuration.
-_RUN_KEYS = ("model", "dataset", "threat", "eps", "n_ex", "data", "data_dir", "checkpoint", "device", "precision",
-             "batch_size", "seed", "version", "attacks", "engine", "results_dir", "chunk_batches", "channels_last",
-             "torch_compile", "model_label")
 
 
 def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zoo-eval", description="Faithful, resumable AutoAttack evaluation (same results as pyautoattack's "
                                      "run_standard_evaluation with the same seed and batch size).",
-        epilog="Other command: `zoo-eval merge RUN_DIR` joins finished shards. Defaults: eps 8/255 (linf), "
-               "0.5 (l2), 12 (l1); all 10000 test images; seed 0.")
+        epilog="Other command: `zoo-eval merge RUN_DIR` joins finished shards.")
     p.add_argument("--model", help="registry name (or RobustBench id) of the model")
     p.add_argument("--suite", choices=["paper"], default=None,
                    help="run (or resume) every evaluation of the SCORE paper's table, one after another")
-    p.add_argument("--threat", choices=list(NORMS), default=None, help="threat model (default linf)")
-    p.add_argument("--dataset", default=None, help="cifar10 (default) or cifar100")
-    p.add_argument("--eps", default=None, help="perturbation budget, e.g. 8/255 or 0.5")
-    p.add_argument("--n-ex", type=int, default=None, help="evaluate the first N test images (default all)")
-    p.add_argument("--data", default=None, help=".npz with x (uint8 NHWC or float NCHW in [0,1]) and y")
-    p.add_argument("--data-dir", default=None, help=f"where CIFAR is downloaded (default {default_data_dir()})")
-    p.add_argument("--checkpoint", default=None, help="local checkpoint file instead of downloading the weights")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default=None,
-                   help="fp32 (default, exact); tf32 or bf16 on GPUs (bf16 successes are re-checked in fp32)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="AutoAttack batch size B; part of the result's definition (default: 250 on CPU, "
-                        "probed from GPU memory on CUDA)")
-    p.add_argument("--seed", type=int, default=None, help="attack seed (default 0)")
-    p.add_argument("--version", choices=list(VERSIONS), default=None,
-                   help="AutoAttack version (default standard; custom when --attacks is given)")
-    p.add_argument("--attacks", default=None, help=f"comma-separated, with --version custom: {','.join(KNOWN_ATTACKS)}")
-    p.add_argument("--engine", choices=list(ENGINES), default=None, help="attack implementation (default reference)")
-    p.add_argument("--results-dir", default=None, help="where records are written (default results/)")
-    p.add_argument("--run-dir", default=None, help="where the resumable state lives (default: in the cache)")
-    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run kept in RUN_DIR")
-    p.add_argument("--shard", default=None, metavar="I/K", help="evaluate only shard I of K (0-based)")
-    p.add_argument("--chunk-batches", type=int, default=None,
-                   help=f"save progress every N batches (default {DEFAULT_CHUNK_BATCHES})")
+    _add_option_flags(p)
     p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False, default=None,
                    help="keep the model in NCHW memory format on GPUs (default: channels_last there)")
-    p.add_argument("--torch-compile", metavar="MODE", choices=list(COMPILE_MODES), default=None,
-                   help="run the attacks' model passes through torch.compile (MODE: default, reduce-overhead = CUDA "
-                        "graphs, max-autotune, max-autotune-no-cudagraphs); checks stay eager")
-    p.add_argument("--model-label", default=None, help="name used in results paths instead of the model name")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
+                   help="no progress bar / progress lines")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run kept in RUN_DIR")
     p.add_argument("--dry-run", action="store_true", help="print the plan and a cost estimate, run nothing")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
     slurm = p.add_argument_group("Slurm (needs `pip install score-zoo[slurm]`)")
     slurm.add_argument("--slurm", action="store_true", help="submit a job array of --shards tasks via submitit")
     slurm.add_argument("--shards", type=int, default=1, help="number of Slurm array tasks (shards)")
@@ -85,6 +52,42 @@ def _run_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_option_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per RunOptions field (those whose flag is not written out above), default None = "not given",
+    so that a flag next to --resume can be told apart from the run's saved value."""
+    for f in dataclasses.fields(RunOptions):
+        meta = f.metadata
+        if meta["flag"] is None:
+            continue
+        default = f"default {f.default}" if f.default is not None else None
+        p.add_argument(meta["flag"] or "--" + f.name.replace("_", "-"), dest=f.name, default=None, type=meta["type"],
+                       choices=list(meta["choices"]()) if meta["choices"] else None, metavar=meta["metavar"],
+                       help=meta["help"] + (f" ({default})" if default else ""))
+
+
+def _options_from_args(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """(model, RunOptions overrides) for a run, from the flags given, on top of a resumed run's saved ones."""
+    given = {k: getattr(args, k) for k in RunOptions.names() if getattr(args, k, None) is not None}
+    model = args.model
+    if args.resume:
+        inv = runner.invocation_of(args.resume)
+        if inv["model_kind"] == "module":
+            raise BadInputError(f"{args.resume} was started from Python with a custom module ({inv['model']})",
+                                hint="resume it from Python: zoo.evaluate.run(model, run_dir=..., same arguments)")
+        if args.run_dir is not None and Path(args.run_dir).resolve() != Path(args.resume).resolve():
+            raise BadInputError("--run-dir and --resume name different folders", hint="pass only --resume RUN_DIR")
+        saved = RunOptions.from_invocation(inv).invocation()
+        given = {**saved, **given, "run_dir": args.resume}
+        model = model or inv["model"]
+    if not model:
+        raise BadInputError("no model given", hint="pass --model NAME (`zoo ls` lists them) or --resume RUN_DIR")
+    if isinstance(given.get("attacks"), str):
+        given["attacks"] = tuple(a.strip() for a in given["attacks"].split(",") if a.strip())
+    if given.get("attacks") and given.get("version") is None:
+        given["version"] = "custom"
+    return model, given
+
+
 def _merge_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo-eval merge",
                                 description="Join the finished shards of a run folder, check them, write the record.")
@@ -92,32 +95,6 @@ def _merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default=None, help="override where the record is written")
     p.add_argument("--device", default=None, help="device for the fp32 re-check (default: the run's device type)")
     return p
-
-
-def _kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    given = {k: getattr(args, k) for k in _RUN_KEYS if getattr(args, k, None) is not None}
-    if args.resume:
-        inv = runner.invocation_of(args.resume)
-        if inv["model_kind"] == "module":
-            raise BadInputError(f"{args.resume} was started from Python with a custom module ({inv['model']})",
-                                hint="resume it from Python: zoo.evaluate.run(model, run_dir=..., same arguments)")
-        base = {"model": inv["model"], **invocation_kwargs(inv)}
-        if args.run_dir is not None and Path(args.run_dir).resolve() != Path(args.resume).resolve():
-            raise BadInputError("--run-dir and --resume name different folders", hint="pass only --resume RUN_DIR")
-        given = {**base, **given, "run_dir": args.resume}
-    elif args.run_dir is not None:
-        given["run_dir"] = args.run_dir
-    if not given.get("model"):
-        raise BadInputError("no model given", hint="pass --model NAME (`zoo ls` lists them) or --resume RUN_DIR")
-    if isinstance(given.get("attacks"), str):
-        given["attacks"] = [a.strip() for a in given["attacks"].split(",") if a.strip()]
-    if given.get("attacks") and given.get("version") is None:
-        given["version"] = "custom"
-    if args.shard is not None:
-        given["shard"] = args.shard
-    if args.no_progress:
-        given["progress"] = False
-    return given
 
 
 def _summary(record) -> str:
@@ -190,7 +167,7 @@ class SlurmTask:
 
 def _run_suite(args: argparse.Namespace) -> int:
     """Each paper-table evaluation in turn; re-running the command resumes where it stopped."""
-    from .paper_table import paper_suite
+    from .report.paper_table import paper_suite
 
     clashing = [f"--{name.replace('_', '-')}" for name in ("model", "dataset", "threat", "eps", "resume",
                                                           "run_dir", "shard", "model_label")
@@ -202,13 +179,12 @@ def _run_suite(args: argparse.Namespace) -> int:
                             hint="pre-download them with `zoo download score-wrn-28-10 score-wrn-70-16`")
     for evaluation in paper_suite():
         args.model, args.dataset, args.threat, args.eps = evaluation
-        kwargs = _kwargs_from_args(args)
-        model = kwargs.pop("model")
+        model, options = _options_from_args(args)
         print(f"== {model} {args.dataset} {args.threat} eps={args.eps}")
         if args.dry_run:
-            print(runner.plan(model, **{k: v for k, v in kwargs.items() if k != "progress"}).text)
+            print(runner.plan(model, **options).text)
             continue
-        record = runner.run(model, **kwargs)
+        record = runner.run(model, **options)
         if record is not None:
             print(_summary(record))
     return 0
@@ -249,15 +225,14 @@ def _main(argv: list[str]) -> int:
         return _submit_slurm(args, argv)
     if args.suite:
         return _run_suite(args)
-    kwargs = _kwargs_from_args(args)
-    model = kwargs.pop("model")
+    model, options = _options_from_args(args)
     if args.dry_run:
-        print(runner.plan(model, **{k: v for k, v in kwargs.items() if k != "progress"}).text)
+        print(runner.plan(model, **options).text)
         return 0
-    record = runner.run(model, **kwargs)
+    record = runner.run(model, **options)
     if record is None:
         print("this shard is finished; the record is written once every shard is (see the log above)")
         return 0
     print(_summary(record))
-    print(f"record: {Path(kwargs.get('results_dir') or 'results') / record.relative_path()}")
+    print(f"record: {Path(options.get('results_dir') or RunOptions.results_dir) / record.relative_path()}")
     return 0

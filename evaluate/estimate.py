@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .engine import AttackView, count_macs, make_engine
-from .prepare import Setup, precision_mode
+from .attacks.engine import AttackView
+from .precision import autocast_dtype, precision_mode
+from .prepare import Setup
 
 
 def fmt_seconds(seconds: float) -> str:
@@ -43,7 +44,7 @@ class Estimate:
 def _time_passes(model: nn.Module, shape: tuple[int, ...], device: torch.device, batch: int,
                  precision: str) -> tuple[float, float]:
     """Seconds per image for a forward pass and for the backward pass to the input (rough, 2 repeats)."""
-    view = AttackView(model, torch.bfloat16 if precision == "bf16" else None)
+    view = AttackView(model, autocast_dtype(precision))
     x = torch.rand(batch, *shape, device=device)
 
     def sync():
@@ -74,10 +75,9 @@ def estimate(setup: Setup, n_points: int | None = None) -> Estimate:
     n = setup.n if n_points is None else n_points
     shape = tuple(setup.data.x.shape[1:])
     cost = count_macs(setup.model, shape, setup.device)
-    view = AttackView(setup.model)
-    engine = make_engine(setup.engine_name, view, norm=setup.norm, eps=setup.eps, version=setup.version,
-                         attacks=list(setup.attacks), seed=setup.seed, device=setup.device, precision=setup.precision)
-    t_f, t_b = _time_passes(setup.model, shape, setup.device, max(1, min(setup.batch_size, 16, n)), setup.precision)
+    o = setup.opts
+    engine = setup.engine(AttackView(setup.model))
+    t_f, t_b = _time_passes(setup.model, shape, setup.device, max(1, min(o.batch_size, 16, n)), o.precision)
     clean = setup.reported.get("clean_acc")
     robust = setup.reported.get("autoattack_acc")
     rows = [{"stage": "clean", "points": n, "forward": 1, "backward": 0,
@@ -104,6 +104,7 @@ class Plan:
 
 
 def plan_text(setup: Setup, est: Estimate) -> str:
+    o = setup.opts
     d = setup.data
     idx = d.indices
     lines = [
@@ -112,13 +113,12 @@ def plan_text(setup: Setup, est: Estimate) -> str:
         f"checkpoint {setup.checkpoint.get('path') or setup.checkpoint['source']} "
         f"(sha256 {(setup.checkpoint.get('sha256') or setup.checkpoint['weights_sha256'])[:16]}...)",
         f"data       {d.dataset} ({d.source.get('source')}), examples {idx[0]}..{idx[-1]} ({len(idx)})",
-        f"threat     {setup.threat} eps {setup.eps_text} ({setup.eps:.6g}), version {setup.version}, "
-        f"seed {setup.seed}",
-        f"engine     {setup.engine_name} {setup.engine_version}, precision {setup.precision}, device {setup.device}, "
-        f"batch size {setup.batch_size}{' (auto)' if setup.batch_auto else ''}, shard {setup.shard[0]}/{setup.shard[1]}"
-        + (f", torch.compile {setup.torch_compile} (eager timings below)" if setup.torch_compile else ""),
+        f"threat     {o.threat} eps {o.eps} ({setup.eps:.6g}), version {o.version}, seed {o.seed}",
+        f"engine     {o.engine} {setup.engine_version}, precision {o.precision}, device {setup.device}, "
+        f"batch size {o.batch_size}, shard {setup.shard[0]}/{setup.shard[1]}"
+        + (f", torch.compile {o.torch_compile} (eager timings below)" if o.torch_compile else ""),
         f"run folder {setup.run_dir}",
-        f"results    {setup.results_dir / setup.data.dataset / setup.threat / setup.label}",
+        f"results    {setup.results_dir / setup.data.dataset / o.threat / setup.label}",
         "",
         f"{'stage':<10} {'points<=':>9} {'fwd/pt':>8} {'bwd/pt':>8} {'passes<=':>12} {'TMACs<=':>10}",
     ]
@@ -137,3 +137,43 @@ def plan_text(setup: Setup, est: Estimate) -> str:
               + (f", about {fmt_seconds(est.typical_seconds)} at the reported accuracies"
                  if est.typical_seconds is not None else "")]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- cost of one forward pass
+
+@dataclass(frozen=True)
+class ModelCost:
+    macs_per_image: int | None
+    parameters: int
+
+
+def count_macs(model: nn.Module, image_shape: tuple[int, ...], device: torch.device | str = "cpu") -> ModelCost:
+    """Multiply-accumulates of one forward pass on one image, summed over Conv and Linear layers.
+
+    Counted with forward hooks on a single input; layers other than Conv/Linear are ignored (they are cheap
+    next to them in CIFAR networks). None when the model has no such layers.
+    """
+    total = 0
+    seen = False
+
+    def hook(module, inputs, output):
+        nonlocal total, seen
+        seen = True
+        if isinstance(module, nn.modules.conv._ConvNd):
+            per_out = module.in_channels // module.groups
+            for k in module.kernel_size:
+                per_out *= k
+            total += int(output[0].numel()) * per_out
+        else:
+            total += int(output[0].numel()) * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *image_shape, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    params = sum(p.numel() for p in model.parameters())
+    return ModelCost(macs_per_image=total if seen else None, parameters=params)

@@ -1,18 +1,20 @@
 """Checking and assembling everything a run needs before any attack runs (the run's ``Setup``).
 
 Cheap checks come first (threat, eps, attacks, device, results folder), then data, then the model, so a bad
-flag fails in a second with one message naming the fix, and nothing is written anywhere.
+flag fails in a second with one message naming the fix, and nothing is written anywhere. The ``Setup`` is
+immutable; what may change while a run goes on (the device-batch cap, compiled graphs) lives in the
+runner's own state.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import hashlib
 import os
 import platform
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,65 +24,50 @@ from torch import nn
 
 import zoo
 from zoo import constants, registry
+from zoo.domain import NORMS, PRECISIONS, THREAT_TABLE, THREATS, parse_eps
 from zoo.errors import BadInputError, UnknownModelError, ZooError
 
 from . import data as data_mod
-from .compiled import COMPILE_MODES
-from .engine import KNOWN_ATTACKS, NORMS, VERSIONS, AttackView, engine_class
+from .attacks.compiled import COMPILE_MODES
+from .attacks.engine import KNOWN_ATTACKS, VERSIONS, AttackView, Engine, engine_class, make_engine
+from .options import RunOptions, hashed_values
+from .precision import autocast_dtype, precision_mode, strict_fp32
 from .sharding import DistributedEnv, distributed_env, parse_shard, shard_bounds
 from .state import config_hash
 
-DEFAULT_EPS = {"linf": "8/255", "l2": "0.5", "l1": "12"}
-PRECISIONS = ("fp32", "tf32", "bf16")
-CPU_BATCH_SIZE = 250          # pyautoattack's own default
-MAX_PROBED_BATCH = 1024
+MAX_DEVICE_BATCH = 1024
 PROBE_MEMORY_FRACTION = 0.5   # leave half the GPU for the attacks' own buffers
-DEFAULT_CHUNK_BATCHES = 4
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 # ---------------------------------------------------------------- the setup
 
 
-@dataclass
+@dataclass(frozen=True)
 class Setup:
-    """Everything a run needs, validated, before any attack runs."""
+    """Everything a run needs, validated, before any attack runs. ``opts`` holds the resolved options (the
+    eps text, the number of examples, the attack list of a custom version, absolute paths, the device type)."""
 
+    opts: RunOptions
     model: nn.Module
     label: str
     model_kind: str                  # registry | module
-    model_dataset: str               # dataset the model was trained for (variant to load)
     checkpoint: dict[str, Any]
     data: data_mod.EvalData
     num_classes: int
-    threat: str
     norm: str
-    eps_text: str
     eps: float
-    version: str
     attacks: tuple[str, ...]
-    seed: int
-    batch_size: int
-    batch_auto: bool
-    device_batch: int | None         # most points one forward+backward may hold on this GPU (None: no limit)
-    precision: str
-    device: torch.device
-    channels_last: bool
-    torch_compile: str | None        # torch.compile mode of the attacks' model passes (None: eager)
-    engine_name: str
     engine_version: str
-    results_dir: Path
-    run_dir_arg: Path | None
+    device: torch.device
     shard: tuple[int, int]
     dist: DistributedEnv | None
-    chunk_batches: int
-    progress: bool
+    device_batch: int | None         # most points one forward+backward may hold on this GPU (None: no limit)
+    reported: dict[str, float]
     invocation: dict[str, Any]
-    reported: dict[str, float] = field(default_factory=dict)
-    attack_model: nn.Module | None = None   # what the attacks call: the model or its compiled form (runner)
-    config: dict[str, Any] = field(default_factory=dict)
-    config_hash: str = ""
-    run_dir: Path = Path(".")
+    config: dict[str, Any]
+    config_hash: str
+    run_dir: Path
 
     @property
     def n(self) -> int:
@@ -89,6 +76,17 @@ class Setup:
     @property
     def is_rank0(self) -> bool:
         return self.dist is None or self.dist.rank == 0
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.opts.results_dir)
+
+    def engine(self, model: nn.Module, max_device_batch: int | None = None) -> Engine:
+        """The run's attack engine over ``model`` (the attacks' view of the network)."""
+        o = self.opts
+        return make_engine(o.engine, model, norm=self.norm, eps=self.eps, version=o.version,
+                           attacks=list(self.attacks), seed=o.seed, device=self.device, precision=o.precision,
+                           max_device_batch=max_device_batch)
 
 
 def _check_choice(value: str, choices: Sequence[str], what: str) -> str:
@@ -100,7 +98,7 @@ def _check_choice(value: str, choices: Sequence[str], what: str) -> str:
 def _parse_eps(eps: str | float | int | None, default: str) -> tuple[str, float]:
     text = default if eps is None else str(eps).strip()
     try:
-        value = registry.parse_eps(text if eps is None or isinstance(eps, str) else eps)
+        value = parse_eps(text if eps is None or isinstance(eps, str) else eps)
     except ValueError:
         raise BadInputError(f"cannot parse eps {eps!r}", hint="use a number or a fraction like 8/255") from None
     if not np.isfinite(value) or value <= 0:
@@ -190,15 +188,6 @@ def _tensors_sha256(named: Any) -> str:
     return digest.hexdigest()
 
 
-def invocation_kwargs(invocation: dict[str, Any]) -> dict[str, Any]:
-    """The ``run``/``prepare`` keyword arguments a run folder's saved invocation stands for (resume, merge)."""
-    same = ("threat", "eps", "n_ex", "data", "data_dir", "version", "attacks", "seed", "batch_size", "precision",
-            "engine", "results_dir", "checkpoint", "channels_last")
-    return {"dataset": invocation["model_dataset"], "model_label": invocation.get("model_label"),
-            "device": invocation.get("device"), "torch_compile": invocation.get("torch_compile"),
-            **{k: invocation[k] for k in same}}
-
-
 def _registry_variant(model_or_name: Any, model_dataset: str, threat: str,
                       checkpoint: str | Path | None) -> registry.Variant | None:
     """The registry entry a run will evaluate (None for modules and RobustBench names). Unknown names,
@@ -280,42 +269,16 @@ def _check_outputs(model: nn.Module, data: data_mod.EvalData, device: torch.devi
     return int(out.shape[1])
 
 
-@contextlib.contextmanager
-def precision_mode(precision: str, device: torch.device):
-    """TF32 on for 'tf32', off otherwise (PyTorch enables it for cuDNN convolutions by default)."""
-    if device.type != "cuda":
-        yield
-        return
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    on = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-@contextlib.contextmanager
-def strict_fp32(device: torch.device):
-    with precision_mode("fp32", device):
-        yield
-
-
-def tf32_in_effect(precision: str, device: torch.device) -> dict[str, bool]:
-    on = device.type == "cuda" and precision == "tf32"
-    return {"matmul": on, "cudnn": on}
-
-
-def _choose_batch_size(model: nn.Module, image_shape: tuple[int, ...], device: torch.device, n: int,
+def probe_device_batch(model: nn.Module, image_shape: tuple[int, ...], device: torch.device, n: int,
                        precision: str) -> int:
     """Largest of c, c/2, c/4, ... (c = min(n, 1024)) whose forward+backward uses at most half the GPU.
 
-    Measured against the card's total memory, not what is free right now, so every shard of a run on the
-    same GPU model picks the same B (B is part of the configuration: it fixes AutoAttack's batches).
+    It caps how many points one device pass may hold (merged reference batches), never the batch size B,
+    which defines the result. Measured against the card's total memory, not what is free right now.
     """
     total = torch.cuda.get_device_properties(device).total_memory
-    view = AttackView(model, torch.bfloat16 if precision == "bf16" else None)
-    b = min(n, MAX_PROBED_BATCH)
+    view = AttackView(model, autocast_dtype(precision))
+    b = min(n, MAX_DEVICE_BATCH)
     while b >= 1:
         fits = False
         try:
@@ -338,25 +301,13 @@ def _choose_batch_size(model: nn.Module, image_shape: tuple[int, ...], device: t
                    hint="use a GPU with more memory or --device cpu")
 
 
-def prepare(model_or_name: Any, *, dataset: str, threat: str, eps, n_ex, data, data_dir, version: str,
-             attacks, seed: int, batch_size: int | None, device, precision: str, engine: str, results_dir,
-             run_dir, checkpoint, shard, model_label, chunk_batches: int, channels_last: bool | None,
-             progress: bool | None, torch_compile: str | None = None) -> Setup:
-    threat = _check_choice(str(threat).lower(), tuple(NORMS), "threat")
-    norm = NORMS[threat]
-    _check_choice(precision, PRECISIONS, "precision")
-    if torch_compile is not None:
-        _check_choice(torch_compile, COMPILE_MODES, "torch.compile mode")
-    engine_cls = engine_class(engine)
-    attack_list = _resolve_attacks(version, attacks, norm, engine)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise BadInputError(f"seed must be a non-negative integer, got {seed!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                                   or batch_size <= 0):
-        raise BadInputError(f"batch size must be a positive integer, got {batch_size!r}")
-    if isinstance(chunk_batches, bool) or not isinstance(chunk_batches, (int, np.integer)) or chunk_batches <= 0:
-        raise BadInputError(f"chunk size must be a positive number of batches, got {chunk_batches!r}")
-    dist = distributed_env()
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise BadInputError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _resolve_shard(shard: Any, dist: DistributedEnv | None) -> tuple[int, int]:
     if shard is not None and dist is not None:
         raise BadInputError("--shard cannot be combined with torchrun (it shards by RANK/WORLD_SIZE already)")
     if isinstance(shard, str):
@@ -366,64 +317,67 @@ def prepare(model_or_name: Any, *, dataset: str, threat: str, eps, n_ex, data, d
     shard = (int(shard[0]), int(shard[1]))
     if not 0 <= shard[0] < shard[1]:
         raise BadInputError(f"shard {shard[0]}/{shard[1]}: need 0 <= I < K")
-    dev = _resolve_device(device, dist)
-    if dev.type == "cpu" and precision != "fp32":
-        raise BadInputError(f"precision {precision} needs a GPU; on CPU only fp32 is meaningful",
+    return shard
+
+
+def _absolute(path: Any) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def prepare(model_or_name: Any, options: RunOptions) -> Setup:
+    o = options
+    threat = _check_choice(str(o.threat).lower(), THREATS, "threat")
+    norm = NORMS[threat]
+    _check_choice(o.precision, PRECISIONS, "precision")
+    if o.torch_compile is not None:
+        _check_choice(o.torch_compile, COMPILE_MODES, "torch.compile mode")
+    engine_cls = engine_class(o.engine)
+    attack_list = _resolve_attacks(o.version, o.attacks, norm, o.engine)
+    if isinstance(o.seed, bool) or not isinstance(o.seed, (int, np.integer)) or o.seed < 0:
+        raise BadInputError(f"seed must be a non-negative integer, got {o.seed!r}")
+    batch_size = _positive_int(o.batch_size, "batch size")
+    if isinstance(o.chunk_batches, bool) or not isinstance(o.chunk_batches, (int, np.integer)) or o.chunk_batches <= 0:
+        raise BadInputError(f"chunk size must be a positive number of batches, got {o.chunk_batches!r}")
+    dist = distributed_env()
+    shard = _resolve_shard(o.shard, dist)
+    dev = _resolve_device(o.device, dist)
+    if dev.type == "cpu" and o.precision != "fp32":
+        raise BadInputError(f"precision {o.precision} needs a GPU; on CPU only fp32 is meaningful",
                             hint="drop --precision or use --device cuda")
-    results_dir = Path(results_dir).expanduser()
+    results_dir = Path(o.results_dir).expanduser()
     _check_writable(results_dir)
 
-    model_dataset = dataset
-    variant = _registry_variant(model_or_name, model_dataset, threat, checkpoint)
-    eps_text, eps_value = _parse_eps(eps, variant.eps if variant else DEFAULT_EPS[threat])
+    variant = _registry_variant(model_or_name, o.dataset, threat, o.checkpoint)
+    eps_text, eps_value = _parse_eps(o.eps, variant.eps if variant else THREAT_TABLE[threat].default_eps)
 
-    evaldata = data_mod.load(dataset, n_ex, data, data_dir)
+    evaldata = data_mod.load(o.dataset, o.n_ex, o.data, o.data_dir)
     shard_bounds(len(evaldata), shard[1])  # refuses more shards than examples before loading the model
-    model, label, kind, ckpt, reported = _load_model(model_or_name, variant, model_dataset, threat, checkpoint,
-                                                     model_label)
-    if channels_last is None:
-        channels_last = dev.type == "cuda"
-    model = _prepare_model(model, dev, bool(channels_last))
+    model, label, kind, ckpt, reported = _load_model(model_or_name, variant, o.dataset, threat, o.checkpoint,
+                                                     o.model_label)
+    channels_last = dev.type == "cuda" if o.channels_last is None else bool(o.channels_last)
+    model = _prepare_model(model, dev, channels_last)
     num_classes = _check_outputs(model, evaldata, dev)
     data_mod.check_labels(evaldata, num_classes)
-    batch_auto = batch_size is None
     # Engines that merge reference batches (native) must not exceed what one pass can hold on the GPU.
-    device_batch = None if dev.type != "cuda" else _choose_batch_size(
-        model, tuple(evaldata.x.shape[1:]), dev, len(evaldata), precision)
-    if batch_size is None:
-        batch_size = CPU_BATCH_SIZE if device_batch is None else device_batch
-    invocation = {
-        "model": label if kind == "module" else model_or_name, "model_kind": kind, "model_dataset": model_dataset,
-        "checkpoint": None if checkpoint is None else str(Path(checkpoint).expanduser().resolve()),
-        "threat": threat, "eps": eps_text, "n_ex": len(evaldata),
-        "data": None if data is None else str(Path(data).expanduser().resolve()),
-        "data_dir": None if data_dir is None else str(Path(data_dir).expanduser().resolve()),
-        "version": version, "attacks": list(attack_list) if version == "custom" else None, "seed": int(seed),
-        "precision": precision, "engine": engine, "results_dir": str(results_dir.resolve()),
-        "channels_last": bool(channels_last), "model_label": model_label, "device": dev.type,
-        "torch_compile": torch_compile,
-    }
-    if progress is None:
-        progress = True
-    setup = Setup(model=model, label=label, model_kind=kind, model_dataset=model_dataset, checkpoint=ckpt,
-                  data=evaldata, num_classes=num_classes, threat=threat, norm=norm, eps_text=eps_text, eps=eps_value,
-                  version=version, attacks=attack_list, seed=int(seed), batch_size=int(batch_size),
-                  batch_auto=batch_auto, device_batch=device_batch, precision=precision, device=dev, channels_last=bool(channels_last),
-                  torch_compile=torch_compile, engine_name=engine, engine_version=_engine_version(engine_cls), results_dir=results_dir,
-                  run_dir_arg=None if run_dir is None else Path(run_dir).expanduser(), shard=shard, dist=dist,
-                  chunk_batches=int(chunk_batches), progress=progress, invocation=invocation, reported=reported)
-    configure(setup)
-    return setup
-
-
-def _engine_version(engine_cls) -> str:
-    version = getattr(engine_cls, "version", None)
-    if isinstance(version, str):
-        return version
-    if engine_cls.__name__ == "ReferenceEngine":
-        import pyautoattack
-        return pyautoattack.__version__
-    return "unknown"
+    device_batch = None if dev.type != "cuda" else probe_device_batch(
+        model, tuple(evaldata.x.shape[1:]), dev, len(evaldata), o.precision)
+    resolved = dataclasses.replace(
+        o, threat=threat, eps=eps_text, n_ex=len(evaldata), data=_absolute(o.data), data_dir=_absolute(o.data_dir),
+        attacks=attack_list if o.version == "custom" else None, seed=int(o.seed), batch_size=batch_size,
+        device=dev.type, results_dir=_absolute(results_dir), checkpoint=_absolute(o.checkpoint),
+        channels_last=channels_last, chunk_batches=int(o.chunk_batches),
+        progress=True if o.progress is None else bool(o.progress))
+    invocation = {"model": label if kind == "module" else model_or_name, "model_kind": kind,
+                  **resolved.invocation()}
+    config = configuration(resolved, label=label, checkpoint=ckpt, data=evaldata, norm=norm, eps=eps_value,
+                           attacks=attack_list, shards=shard[1], engine_version=engine_cls.engine_version())
+    digest = config_hash(config)
+    run_dir = Path(o.run_dir).expanduser() if o.run_dir is not None else constants.cache_dir() / "runs" / digest[:16]
+    return Setup(opts=resolved, model=model, label=label, model_kind=kind, checkpoint=ckpt, data=evaldata,
+                 num_classes=num_classes, norm=norm, eps=eps_value, attacks=attack_list,
+                 engine_version=engine_cls.engine_version(), device=dev, shard=shard, dist=dist,
+                 device_batch=device_batch, reported=reported, invocation=invocation, config=config,
+                 config_hash=digest, run_dir=run_dir)
 
 
 def library_versions() -> dict[str, str]:
@@ -440,23 +394,17 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def configure(setup: Setup) -> None:
-    """The configuration hash (what must match to resume) and the run folder it selects."""
+def configuration(resolved: RunOptions, *, label: str, checkpoint: dict[str, Any], data: data_mod.EvalData,
+                  norm: str, eps: float, attacks: tuple[str, ...], shards: int, engine_version: str) -> dict[str, Any]:
+    """What must match to resume a run: the options hashed by value (``options.hashed_values``) and the
+    identities the others select (``DERIVED`` in ``options``: model label and weights, data content and
+    indices, eps value, shard count), plus the library versions that compute the attacks."""
     libs = library_versions()
-    setup.config = {
-        "model": setup.label,
-        "checkpoint_sha256": setup.checkpoint.get("sha256") or setup.checkpoint["weights_sha256"],
-        "weights_sha256": setup.checkpoint["weights_sha256"], "module_sha256": setup.checkpoint["module_sha256"],
-        "shards": setup.shard[1],
-        "dataset": setup.data.dataset, "data_sha256": setup.data.content_sha256,
-        "indices": list(setup.data.indices), "eps": setup.eps, "norm": setup.norm, "version": setup.version,
-        "attacks": list(setup.attacks), "seed": setup.seed, "batch_size": setup.batch_size,
-        "precision": setup.precision, "engine": setup.engine_name, "engine_version": setup.engine_version,
+    return {
+        **hashed_values(resolved), "attacks": list(attacks), "norm": norm,
+        "model": label, "checkpoint_sha256": checkpoint.get("sha256") or checkpoint["weights_sha256"],
+        "weights_sha256": checkpoint["weights_sha256"], "module_sha256": checkpoint["module_sha256"],
+        "dataset": data.dataset, "data_sha256": data.content_sha256, "indices": list(data.indices), "eps": eps,
+        "shards": shards, "engine_version": engine_version,
         "torch": libs["torch"], "pyautoattack": libs["pyautoattack"], "score_zoo": libs["score-zoo"],
-        "device_type": setup.device.type, "channels_last": setup.channels_last,
     }
-    if setup.torch_compile is not None:  # compiled kernels round differently from eager ones
-        setup.config["torch_compile"] = setup.torch_compile
-    setup.config_hash = config_hash(setup.config)
-    setup.invocation["batch_size"] = setup.batch_size
-    setup.run_dir = setup.run_dir_arg or constants.cache_dir() / "runs" / setup.config_hash[:16]

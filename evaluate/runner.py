@@ -11,14 +11,14 @@ the same batches, hence the same result.
 from __future__ import annotations
 
 import datetime as _dt
-import inspect
 import logging
 import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,18 +26,27 @@ from torch import nn
 
 from zoo.errors import BadInputError, ZooError
 
-from .compiled import compiled_for_attacks
-from .engine import AttackView, engine_class, make_engine
+from .attacks.compiled import compiled_for_attacks
+from .attacks.engine import AttackView, engine_class
 from .estimate import Plan, estimate, fmt_seconds, plan_text
-from .prepare import (DEFAULT_CHUNK_BATCHES, Setup, configure, invocation_kwargs, library_versions, precision_mode,
-                      prepare, strict_fp32, tf32_in_effect)
-from .record import Accuracy, AdversarialCheckError, PerExample, RunRecord, Stage, check_adversarial, per_example_path
+from .options import RunOptions
+from .precision import autocast_dtype, precision_mode, strict_fp32, tf32_in_effect
+from .prepare import Setup, library_versions, prepare
+from .record import Accuracy, RunRecord, Stage, per_example_path
 from .sharding import merge_states, shard_bounds, shard_path, unfinished_shards, wait_for_shards
 from .state import CLEAN_STAGE, ShardState, config_differences, read_config, write_config_once
+from .verify import check_adversarial, verify_predictions
 
 log = logging.getLogger("zoo.evaluate")
 
-TIE_TOLERANCE = 1e-5          # logit margins this small may flip with the batch composition
+
+@dataclass
+class Live:
+    """What may change while a run goes on (``Setup`` does not): the cap on merged device batches, halved
+    on out-of-memory, and the model the attacks call (compiled on first use, dropped on out-of-memory)."""
+
+    device_batch: int | None
+    attack_model: nn.Module | None = None
 
 
 # ---------------------------------------------------------------- progress
@@ -83,25 +92,23 @@ def _predict(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.T
         return model(x).argmax(dim=1)
 
 
-def _run_shard(setup: Setup, state: ShardState, path: Path) -> None:
-    dev, B, K = setup.device, setup.batch_size, setup.chunk_batches
+def _run_shard(setup: Setup, live: Live, state: ShardState, path: Path) -> None:
+    o = setup.opts
+    dev, B, K = setup.device, o.batch_size, o.chunk_batches
     positions = torch.from_numpy(state.positions)
     x_all = setup.data.x[positions].contiguous()
     y_all = setup.data.y[positions]
     n = len(state.positions)
-    autocast_dtype = torch.bfloat16 if setup.precision == "bf16" else None
-    if setup.attack_model is None:  # compiled here, not in prepare: plan() and merge() never attack
-        with precision_mode(setup.precision, dev):   # the TF32 setting is part of what gets compiled
-            setup.attack_model = compiled_for_attacks(setup.model, setup.torch_compile, tuple(x_all.shape[1:]),
-                                                      dev, autocast_dtype)
-    view = AttackView(setup.attack_model, autocast_dtype, fp32_model=setup.model)
-    engine = make_engine(setup.engine_name, view, norm=setup.norm, eps=setup.eps, version=setup.version,
-                         attacks=list(setup.attacks), seed=setup.seed, device=dev, precision=setup.precision,
-                         max_device_batch=setup.device_batch)
+    if live.attack_model is None:  # compiled here, not in prepare: plan() and merge() never attack
+        with precision_mode(o.precision, dev):   # the TF32 setting is part of what gets compiled
+            live.attack_model = compiled_for_attacks(setup.model, o.torch_compile, tuple(x_all.shape[1:]), dev,
+                                                     autocast_dtype(o.precision))
+    view = AttackView(live.attack_model, autocast_dtype(o.precision), fp32_model=setup.model)
+    engine = setup.engine(view, live.device_batch)
     if tuple(engine.attacks) != setup.attacks:
-        raise ZooError(f"engine {setup.engine_name} runs {list(engine.attacks)}, expected {list(setup.attacks)}")
-    show = setup.progress and setup.is_rank0
-    with torch.no_grad(), precision_mode(setup.precision, dev):
+        raise RuntimeError(f"engine {o.engine} runs {list(engine.attacks)}, expected {list(setup.attacks)}")
+    show = o.progress and setup.is_rank0
+    with torch.no_grad(), precision_mode(o.precision, dev):
         if state.stage == CLEAN_STAGE:
             engine.preflight(x_all[:B].to(dev), y_all[:B].to(dev))
             view.take_counts()  # the checks' forward passes are not an attack's cost
@@ -156,17 +163,14 @@ def _attack_chunk(setup: Setup, engine, state: ShardState, attack: str, stage: i
                   x_all: torch.Tensor, y_all: torch.Tensor) -> None:
     """Reference batches of one chunk: attack each, then accept only what an fp32 forward confirms.
 
-    Engines with ``attack_batches`` get the whole chunk at once (they may merge the batches on the device
-    while keeping each batch's random numbers); others get one reference batch per call.
+    The engine gets the whole chunk at once: engines that merge batches run them as one device batch while
+    keeping each batch's random numbers; the others attack one reference batch after another.
     """
     dev = setup.device
     batches = [(x_all[torch.from_numpy(pos)].to(dev), y_all[torch.from_numpy(pos)].to(dev)) for pos in chunk]
-    if hasattr(engine, "attack_batches"):
-        advs = list(engine.attack_batches(attack, batches))
-    else:
-        advs = [engine.attack_batch(attack, x, y) for x, y in batches]
+    advs = list(engine.attack_batches(attack, batches))
     if len(advs) != len(batches):
-        raise ZooError(f"engine {setup.engine_name} returned {len(advs)} results for {len(batches)} batches")
+        raise RuntimeError(f"engine {setup.opts.engine} returned {len(advs)} results for {len(batches)} batches")
     for pos, (x, y), adv in zip(chunk, batches, advs):
         _record_batch(setup, state, attack, stage, pos, x, y, adv)
 
@@ -176,11 +180,11 @@ def _record_batch(setup: Setup, state: ShardState, attack: str, stage: int, pos:
     """The reference's success test (prediction on the returned image differs from the label), in fp32."""
     dev = setup.device
     if not isinstance(adv, torch.Tensor) or adv.shape != x.shape:
-        raise ZooError(f"engine {setup.engine_name} returned {getattr(adv, 'shape', type(adv))} for a batch of "
+        raise RuntimeError(f"engine {setup.opts.engine} returned {getattr(adv, 'shape', type(adv))} for a batch of "
                        f"shape {tuple(x.shape)} in {attack}")
     pred = _predict(setup.model, adv, dev)
     fooled = (pred != y).cpu().numpy()
-    if setup.precision == "bf16":  # successes the bf16 attack believed in but fp32 does not confirm
+    if setup.opts.precision == "bf16":  # successes the bf16 attack believed in but fp32 does not confirm
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16):
             claimed = (setup.model(adv).argmax(dim=1) != y).cpu().numpy()
         state.rejected[stage] += int((claimed & ~fooled).sum())
@@ -195,53 +199,6 @@ def _record_batch(setup: Setup, state: ShardState, attack: str, stage: int, pos:
 # ---------------------------------------------------------------- checks and the record
 
 
-def _verify_predictions(setup: Setup, per_example: PerExample) -> list[dict[str, Any]]:
-    """fp32 forwards must reproduce the clean-correct flags on the clean images and the robust flags on the
-    final adversarial images (so a stale run folder or a changed model can never pass as this run).
-
-    Returns the near-ties (|logit margin| below TIE_TOLERANCE, where the batch composition alone can flip
-    the label); any other disagreement raises AdversarialCheckError.
-    """
-    x_adv = setup.data.x.clone()
-    if len(per_example.adv_positions):
-        x_adv[torch.from_numpy(per_example.adv_positions)] = torch.from_numpy(per_example.x_adv)
-    bad, ties = [], []
-    for what, images, claimed in (("clean", setup.data.x, per_example.clean_correct),
-                                  ("robust", x_adv, per_example.robust)):
-        found_bad, found_ties = _disagreements(setup, images, torch.from_numpy(claimed), per_example.indices)
-        bad += [dict(item, flag=what) for item in found_bad]
-        ties += [dict(item, flag=what) for item in found_ties]
-    if bad:
-        raise AdversarialCheckError(
-            f"an fp32 forward pass does not reproduce the clean/robust flags of {len(bad)} example(s) "
-            f"(first: {bad[:3]})", hint="this is a bug in the attack engine, a non-deterministic model, or a run "
-                                        "folder of another model: no result was written")
-    if ties:
-        log.warning("%d example(s) sit on a decision tie (|margin| <= %g); their flags may depend on the batch: %s",
-                    len(ties), TIE_TOLERANCE, ties[:5])
-    return ties
-
-
-def _disagreements(setup: Setup, x: torch.Tensor, claimed: torch.Tensor, indices: np.ndarray
-                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(real disagreements, near-ties) between ``claimed`` correctness flags and an fp32 forward on ``x``."""
-    dev, B, y = setup.device, setup.batch_size, setup.data.y
-    bad, ties = [], []
-    with torch.no_grad(), strict_fp32(dev):
-        for start in range(0, len(x), B):
-            logits = setup.model(x[start:start + B].to(dev)).float().cpu()
-            yb = y[start:start + B]
-            correct = logits.argmax(dim=1) == yb
-            for j in torch.nonzero(correct != claimed[start:start + B]).flatten().tolist():
-                row = logits[j]
-                other = torch.cat([row[: yb[j]], row[yb[j] + 1:]]).max()
-                margin = float(row[yb[j]] - other)
-                scale = max(1.0, float(row.abs().max()))
-                item = {"position": start + j, "index": int(indices[start + j]), "margin": margin}
-                (ties if abs(margin) <= TIE_TOLERANCE * scale else bad).append(item)
-    return bad, ties
-
-
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
@@ -249,10 +206,11 @@ def _device_name(device: torch.device) -> str:
 
 
 def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> RunRecord:
+    o = setup.opts
     merged = merge_states(setup.run_dir, setup.config_hash, setup.data.indices, split)
     pe = merged.per_example
     check_adversarial(pe, setup.data.x.numpy(), setup.norm, setup.eps)
-    ties = _verify_predictions(setup, pe)
+    ties = verify_predictions(setup, pe)
     n = setup.n
     stages = []
     by_stage = {"clean": float(pe.clean_correct.mean())}
@@ -262,25 +220,22 @@ def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> Ru
                             forward_passes=int(merged.forward_images[s]),
                             backward_passes=int(merged.backward_images[s])))
         by_stage[attack] = robust_s / n
-    view = AttackView(setup.model)
-    engine = make_engine(setup.engine_name, view, norm=setup.norm, eps=setup.eps, version=setup.version,
-                         attacks=list(setup.attacks), seed=setup.seed, device=setup.device, precision=setup.precision)
-    engine.finish(by_stage)
+    setup.engine(AttackView(setup.model)).finish(by_stage)
     record = RunRecord(
-        run_id=doc["run_id"], model=setup.label, dataset=setup.data.dataset, threat=setup.threat, norm=setup.norm,
-        eps=setup.eps_text, eps_value=setup.eps, version=setup.version, attacks=setup.attacks, seed=setup.seed,
+        run_id=doc["run_id"], model=setup.label, dataset=setup.data.dataset, threat=o.threat, norm=setup.norm,
+        eps=o.eps, eps_value=setup.eps, version=o.version, attacks=setup.attacks, seed=o.seed,
         indices=setup.data.indices, clean=Accuracy(int(pe.clean_correct.sum()), n),
-        robust=Accuracy(int(pe.robust.sum()), n), stages=tuple(stages), engine=f"{setup.engine_name} "
-        f"{setup.engine_version}", precision=setup.precision, batch_size=setup.batch_size,
+        robust=Accuracy(int(pe.robust.sum()), n), stages=tuple(stages), engine=f"{o.engine} "
+        f"{setup.engine_version}", precision=o.precision, batch_size=o.batch_size,
         libraries=library_versions(), device=_device_name(setup.device),
         checkpoint={k: setup.checkpoint.get(k) for k in ("source", "sha256", "path", "weights_sha256")},
         data=dict(setup.data.source), config_hash=setup.config_hash, created=doc["created"], complete=True,
         per_example_file=f"{doc['run_id']}.npz",
-        extra={"shards": merged.shard_count, "channels_last": setup.channels_last, "torch_compile": setup.torch_compile,
-               "tf32": tf32_in_effect(setup.precision, setup.device), "clean_seconds": round(merged.clean_seconds, 3),
+        extra={"shards": merged.shard_count, "channels_last": o.channels_last, "torch_compile": o.torch_compile,
+               "tf32": tf32_in_effect(o.precision, setup.device), "clean_seconds": round(merged.clean_seconds, 3),
                "fp32_rejected_successes": merged.rejected, "decision_ties": ties,
                "pass_counts": "images through the model inside the attacks (forward / backward)",
-               "model_dataset": setup.model_dataset, "run_dir": str(setup.run_dir.resolve()),
+               "model_dataset": o.dataset, "run_dir": str(setup.run_dir.resolve()),
                "finished": _now()})
     record.validate()
     json_path = setup.results_dir / record.relative_path()
@@ -293,7 +248,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def _execute(setup: Setup) -> RunRecord | None:
+def _execute(setup: Setup, live: Live) -> RunRecord | None:
     created = _now()
     stamp = created.replace("-", "").replace(":", "").replace("+0000", "")[:15]
     try:
@@ -325,7 +280,7 @@ def _execute(setup: Setup) -> RunRecord | None:
             log.warning("running on CPU: this run may take about %s (up to %s if every example survives every "
                         "attack); a GPU is much faster", fmt_seconds(est.typical_seconds or est.max_seconds),
                         fmt_seconds(est.max_seconds))
-        _run_shard(setup, state, path)
+        _run_shard(setup, live, state, path)
     if k > 1:
         if setup.dist is not None:
             if setup.dist.rank != 0:
@@ -343,83 +298,61 @@ def _execute(setup: Setup) -> RunRecord | None:
 # ---------------------------------------------------------------- public API
 
 
-def run(model_or_name: nn.Module | str, *, dataset: str = "cifar10", threat: str = "linf",
-        eps: str | float | None = None, n_ex: int | None = None, data: str | Path | None = None,
-        data_dir: str | Path | None = None, version: str = "standard", attacks: Sequence[str] | str | None = None,
-        seed: int = 0, batch_size: int | None = None, device: str | torch.device | None = None,
-        precision: str = "fp32", engine: str = "reference", results_dir: str | Path = "results",
-        run_dir: str | Path | None = None, checkpoint: str | Path | None = None,
-        shard: tuple[int, int] | str | None = None, model_label: str | None = None,
-        chunk_batches: int = DEFAULT_CHUNK_BATCHES, channels_last: bool | None = None,
-        torch_compile: str | None = None, progress: bool | None = None) -> RunRecord | None:
+def run(model_or_name: nn.Module | str, options: RunOptions | None = None, /, **overrides: Any
+        ) -> RunRecord | None:
     """Evaluate a model with AutoAttack, faithfully to pyautoattack, resumably; returns the RunRecord.
 
     ``model_or_name`` is a registry name (loaded with ``zoo.load``, ``checkpoint=PATH`` overriding the
-    download) or any ``nn.Module`` taking [0, 1] NCHW images (``model_label`` names it in results).
-    Returns None when this process ran one shard and others are still missing (or on torchrun ranks > 0).
-    Re-running the same call resumes from the run folder (default: under the score-zoo cache, keyed by
-    the configuration hash). The module is put in eval mode with frozen parameters, on ``device``.
+    download) or any ``nn.Module`` taking [0, 1] NCHW images (``model_label`` names it in results). The
+    options are the fields of :class:`~zoo.evaluate.options.RunOptions`, given as keywords (or as a
+    ``RunOptions`` with keyword overrides). Returns None when this process ran one shard and others are still
+    missing (or on torchrun ranks > 0). Re-running the same call resumes from the run folder (default: under
+    the score-zoo cache, keyed by the configuration hash). The module is put in eval mode with frozen
+    parameters, on ``device``.
     """
-    setup = prepare(model_or_name, dataset=dataset, threat=threat, eps=eps, n_ex=n_ex, data=data,
-                     data_dir=data_dir, version=version, attacks=attacks, seed=seed, batch_size=batch_size,
-                     device=device, precision=precision, engine=engine, results_dir=results_dir, run_dir=run_dir,
-                     checkpoint=checkpoint, shard=shard, model_label=model_label, chunk_batches=chunk_batches,
-                     channels_last=channels_last, torch_compile=torch_compile, progress=progress)
+    setup = prepare(model_or_name, RunOptions.build(options, **overrides))
+    live = Live(device_batch=setup.device_batch)
     while True:
         try:
-            return _execute(setup)
+            return _execute(setup, live)
         except torch.cuda.OutOfMemoryError:
-            if setup.torch_compile is not None:   # CUDA graphs keep their memory pools until dynamo lets go
-                setup.attack_model = None
+            if setup.opts.torch_compile is not None:   # CUDA graphs keep their memory pools until dynamo lets go
+                live.attack_model = None
                 torch._dynamo.reset()
             torch.cuda.empty_cache()
-            before = setup.device_batch
-            if _shrink_device_batch(setup):
-                log.warning("out of GPU memory with merged device batches (cap %s points); resuming with a cap of %d "
-                            "(the device batch is not part of the configuration: finished work is kept)",
-                            "none" if before is None else before, setup.device_batch)
-                continue
-            if not setup.batch_auto or setup.dist is not None or setup.shard[1] > 1 \
-                    or setup.run_dir_arg is not None or setup.batch_size == 1:
-                raise ZooError(f"the GPU ran out of memory with batch size {setup.batch_size}",
-                               hint=f"re-run with --batch-size {max(1, setup.batch_size // 2)} (a new run: the batch "
-                                    "size changes AutoAttack's batches, so it is part of the configuration)") from None
-            log.warning("out of GPU memory at batch size %d; starting over with %d (the batch size is part of the "
-                        "configuration, so this is a new run)", setup.batch_size, setup.batch_size // 2)
-            setup.batch_size //= 2
-            if setup.device_batch is not None:  # device batches of the old B did not fit either
-                setup.device_batch = min(setup.device_batch, setup.batch_size)
-            configure(setup)
+            before = live.device_batch
+            if not _shrink_device_batch(setup, live):
+                B = setup.opts.batch_size
+                raise ZooError(f"the GPU ran out of memory with batch size {B}",
+                               hint=f"re-run with --batch-size {max(1, B // 2)} (a new run: the batch size changes "
+                                    "AutoAttack's batches, so it is part of the configuration)") from None
+            log.warning("out of GPU memory with merged device batches (cap %s points); resuming with a cap of %d "
+                        "(the device batch is not part of the configuration: finished work is kept)",
+                        "none" if before is None else before, live.device_batch)
 
 
-def _shrink_device_batch(setup: Setup) -> bool:
+def _shrink_device_batch(setup: Setup, live: Live) -> bool:
     """Halve the cap on merged device batches, down to B; False when that cannot help.
 
-    Engines that merge reference batches (native) fill device batches up to ``setup.device_batch`` (or a
-    whole chunk without a cap) whatever B is, so halving B alone would not shrink them. The cap is not part
-    of the configuration: the run resumes from its saved state, and the engine, built per shard run, takes
-    the new cap. Only once device batches are single reference batches must B itself shrink (a new run).
+    Engines that merge reference batches (native) fill device batches up to the cap (or a whole chunk
+    without one) whatever B is. The cap is not part of the configuration: the run resumes from its saved
+    state, and the engine, built per shard run, takes the new cap. Once device batches are single reference
+    batches only a smaller B (a new run, the user's choice) can help.
     """
-    if "max_device_batch" not in inspect.signature(engine_class(setup.engine_name)).parameters:
+    if not engine_class(setup.opts.engine).merges_batches:
         return False
-    B = setup.batch_size
+    B = setup.opts.batch_size
     # a device batch never holds more than one chunk of reference batches, nor more than every example
-    largest = min(c for c in (setup.device_batch, B * setup.chunk_batches, setup.n) if c is not None)
+    largest = min(c for c in (live.device_batch, B * setup.opts.chunk_batches, setup.n) if c is not None)
     if largest <= B:
         return False
-    setup.device_batch = max(B, largest // 2)
+    live.device_batch = max(B, largest // 2)
     return True
 
 
-def plan(model_or_name: nn.Module | str, **kwargs) -> Plan:
-    """What ``run`` with the same arguments would do and roughly what it costs; runs no attack."""
-    defaults = {name: p.default for name, p in inspect.signature(run).parameters.items()
-                if p.kind is p.KEYWORD_ONLY}
-    defaults["progress"] = False
-    unknown = set(kwargs) - set(defaults)
-    if unknown:
-        raise TypeError(f"plan() got unexpected argument(s) {sorted(unknown)}")
-    setup = prepare(model_or_name, **{**defaults, **kwargs})
+def plan(model_or_name: nn.Module | str, options: RunOptions | None = None, /, **overrides: Any) -> Plan:
+    """What ``run`` with the same options would do and roughly what it costs; runs no attack."""
+    setup = prepare(model_or_name, RunOptions.build(options, **{**overrides, "progress": False}))
     est = estimate(setup)
     return Plan(setup=setup, estimate=est, text=plan_text(setup, est))
 
@@ -437,12 +370,10 @@ def merge(run_dir: str | Path, model: nn.Module | None = None, results_dir: str 
     if inv["model_kind"] == "module" and model is None:
         raise BadInputError(f"{run_dir} was started from Python with a custom module ({inv['model']})",
                             hint="merge it from Python: zoo.evaluate.merge(run_dir, model=the_module)")
-    if device is None:
-        device = doc["config"]["device_type"]
-    setup = prepare(model if model is not None else inv["model"],
-                    **{**invocation_kwargs(inv), "device": device, "results_dir": results_dir or inv["results_dir"],
-                       "run_dir": run_dir, "shard": (0, doc["config"].get("shards", 1)),
-                       "chunk_batches": DEFAULT_CHUNK_BATCHES, "progress": False})
+    options = RunOptions.from_invocation(inv, run_dir=run_dir, shard=(0, doc["config"].get("shards", 1)),
+                                         progress=False, **({} if device is None else {"device": device}),
+                                         **({} if results_dir is None else {"results_dir": results_dir}))
+    setup = prepare(model if model is not None else inv["model"], options)
     if setup.config_hash != doc["config_hash"]:
         diff = config_differences(doc["config"], setup.config)
         raise BadInputError(f"{run_dir} was made with a different configuration than can be rebuilt now "

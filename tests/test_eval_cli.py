@@ -241,7 +241,7 @@ def test_dry_run_prints_plan_and_writes_nothing(env, capsys):
     code = cli.main(_with(env.base, attacks=None, batch_size=None) + ["--dry-run"])
     out = capsys.readouterr().out
     assert code == 0
-    for needle in ("apgd-ce", "apgd-t", "fab-t", "square", "GMACs per image", "batch size 250 (auto)",
+    for needle in ("apgd-ce", "apgd-t", "fab-t", "square", "GMACs per image", "batch size 250,",
                    "estimated time", "TMACs"):
         assert needle in out, needle
     assert not env.results.exists() and not (env.tmp / "cache" / "runs").exists()
@@ -296,7 +296,7 @@ def test_module_entry_point_help():
 
 def test_suite_paper_runs_each_table_evaluation_with_the_shared_flags(monkeypatch, capsys):
     from zoo.evaluate import runner
-    from zoo.evaluate.paper_table import paper_suite
+    from zoo.evaluate.report.paper_table import paper_suite
 
     calls = []
     monkeypatch.setattr(runner, "run", lambda model, **kw: calls.append((model, kw)))

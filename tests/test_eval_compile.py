@@ -1,5 +1,6 @@
 """``--torch-compile``: the attacks through torch.compile, padded to a few batch shapes, same results."""
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -9,8 +10,10 @@ import torch
 import eval_helpers as h
 from test_eval_faithful import MERGED_X_ADV_TOLERANCE, TINY_ATTACKS, _assert_same_as_reference, _run, _tiny_reference
 from zoo.errors import BadInputError
-from zoo.evaluate import compiled, plan, run, runner
-from zoo.evaluate.engine import ReferenceEngine
+from zoo.evaluate import plan, run, runner
+from zoo.evaluate.attacks import compiled
+from zoo.evaluate.attacks.native.engine import NativeEngine
+from zoo.evaluate.attacks.reference import ReferenceEngine
 from zoo.evaluate.cli import main as zoo_eval
 
 needs_compiler = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
@@ -60,15 +63,17 @@ def test_cli_refuses_an_unknown_mode(capsys):
     assert "--torch-compile" in capsys.readouterr().err
 
 
-def test_compile_mode_is_part_of_the_configuration(tmp_path):
+def test_compile_mode_is_part_of_the_configuration(tmp_path, monkeypatch):
     x, y = h.synthetic_images(8, seed=2)
     data_file = h.write_npz(tmp_path / "d.npz", x, y)
     kw = dict(data=data_file, model_label="tiny", results_dir=tmp_path / "res", device="cpu", eps=h.TINY_EPS)
+    built = []
+    monkeypatch.setattr(runner, "compiled_for_attacks", lambda *args, **kwargs: built.append(args))
     eager = plan(h.train_tiny_cnn(), **kw)
     fused = plan(h.train_tiny_cnn(), torch_compile="default", **kw)
-    assert fused.setup.config["torch_compile"] == "default" and "torch_compile" not in eager.setup.config
+    assert fused.setup.config["torch_compile"] == "default" and eager.setup.config["torch_compile"] is None
     assert fused.setup.config_hash != eager.setup.config_hash
-    assert fused.setup.attack_model is None   # planning compiles nothing
+    assert built == []   # planning compiles nothing
 
 
 @needs_compiler
@@ -110,19 +115,21 @@ def test_out_of_memory_drops_the_compiled_model_before_retrying(tmp_path, synthe
         return model
 
     monkeypatch.setattr(runner, "compiled_for_attacks", fake_compile)
-    original = ReferenceEngine.attack_batch
+    original_prepare = runner.prepare
+    monkeypatch.setattr(runner, "prepare", lambda *a, **k: dataclasses.replace(original_prepare(*a, **k),
+                                                                              device_batch=8))   # as probed
+    original = NativeEngine._run_native
 
-    def attack_batch(self, attack, x, y):
+    def run_native(self, attack, calls, x, y, layout):
         if len(x) > 4:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, attack, x, y)
+        return original(self, attack, calls, x, y, layout)
 
-    monkeypatch.setattr(ReferenceEngine, "attack_batch", attack_batch)
-    monkeypatch.setenv("SCORE_ZOO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(NativeEngine, "_run_native", run_native)
     record = run(h.train_tiny_cnn(), data=synthetic_data_file, eps=h.TINY_EPS, version="custom", attacks=["apgd-ce"],
-                 device="cpu", results_dir=tmp_path / "results", model_label="tiny", progress=False,
-                 torch_compile="reduce-overhead")
-    assert record.batch_size <= 4 and record.extra["torch_compile"] == "reduce-overhead"
+                 device="cpu", results_dir=tmp_path / "results", run_dir=tmp_path / "run", model_label="tiny",
+                 progress=False, engine="native", batch_size=2, torch_compile="reduce-overhead")
+    assert record.batch_size == 2 and record.extra["torch_compile"] == "reduce-overhead"
     assert len(built) >= 2 and set(built) == {"reduce-overhead"}
 
 

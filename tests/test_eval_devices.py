@@ -1,5 +1,7 @@
 """Batch-size back-off on out-of-memory, and the GPU-only paths (skipped without CUDA)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,8 +9,8 @@ import torch
 import eval_helpers as h
 from zoo.errors import ZooError
 from zoo.evaluate import run, runner
-from zoo.evaluate.engine import ReferenceEngine
-from zoo.evaluate.native_engine import NativeEngine
+from zoo.evaluate.attacks.reference import ReferenceEngine
+from zoo.evaluate.attacks.native.engine import NativeEngine
 from zoo.evaluate.record import PerExample, per_example_path
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -25,13 +27,15 @@ def _oom_above(limit, monkeypatch):
     monkeypatch.setattr(ReferenceEngine, "attack_batch", attack_batch)
 
 
-def test_out_of_memory_halves_an_automatic_batch_size_and_starts_a_new_run(tmp_path, synthetic_data_file, monkeypatch):
+def test_out_of_memory_at_the_default_batch_size_says_what_to_pass(tmp_path, synthetic_data_file, monkeypatch):
+    """B defines the result, so it is never changed behind the user's back (the same B on every device)."""
     monkeypatch.setenv("SCORE_ZOO_CACHE", str(tmp_path / "cache"))
     _oom_above(4, monkeypatch)
-    record = run(h.train_tiny_cnn(), data=synthetic_data_file, eps=h.TINY_EPS, version="custom", attacks=["apgd-ce"],
-                 device="cpu", results_dir=tmp_path / "results", model_label="tiny", progress=False)
-    assert record.batch_size == 3   # 250 -> 125 -> 62 -> 31 -> 15 -> 7 -> 3: the first that fits
-    assert len(list((tmp_path / "cache" / "runs").iterdir())) == 7   # B is part of the configuration
+    with pytest.raises(ZooError, match="ran out of memory with batch size 250") as info:
+        run(h.train_tiny_cnn(), data=synthetic_data_file, eps=h.TINY_EPS, version="custom", attacks=["apgd-ce"],
+            device="cpu", results_dir=tmp_path / "results", model_label="tiny", progress=False)
+    assert "--batch-size 125" in str(info.value)
+    assert len(list((tmp_path / "cache" / "runs").iterdir())) == 1   # no second run was started
 
 
 def test_out_of_memory_with_a_chosen_batch_size_says_what_to_pass(tmp_path, synthetic_data_file, monkeypatch):
@@ -70,8 +74,7 @@ def _probed_device_batch(monkeypatch, choose):
 
     def prepare(*args, **kwargs):
         setup = original(*args, **kwargs)
-        setup.device_batch = choose(setup)
-        return setup
+        return dataclasses.replace(setup, device_batch=choose(setup))
 
     monkeypatch.setattr(runner, "prepare", prepare)
 
@@ -118,17 +121,17 @@ def test_native_out_of_memory_halves_the_device_batch_and_resumes(tmp_path, monk
     assert np.abs(pe.x_adv - pe_straight.x_adv).max() <= 1e-3
 
 
-def test_native_out_of_memory_at_device_batch_b_halves_b_and_the_device_batch(tmp_path, synthetic_data_file,
-                                                                              monkeypatch):
-    """On a GPU an automatic B equals the probed device batch: halve both, one new run per halving."""
+def test_native_out_of_memory_at_device_batch_b_never_changes_b(tmp_path, synthetic_data_file, monkeypatch):
+    """Device batches of one reference batch cannot shrink without changing B: stop and say what to pass."""
     monkeypatch.setenv("SCORE_ZOO_CACHE", str(tmp_path / "cache"))
-    _probed_device_batch(monkeypatch, lambda setup: setup.batch_size)
+    _probed_device_batch(monkeypatch, lambda setup: setup.opts.batch_size)
     seen = _native_oom_above(4, monkeypatch)
-    kw = _native_kwargs(tmp_path, synthetic_data_file, "auto", attacks=["apgd-ce"], run_dir=None)
-    record = run(h.train_tiny_cnn(), **kw)
-    assert record.batch_size == 3   # 250 -> 125 -> 62 -> 31 -> 15 -> 7 -> 3, as with the reference engine
-    assert len(list((tmp_path / "cache" / "runs").iterdir())) == 7
-    assert sum(1 for s in seen if s[2] == "oom") == 6   # no retry at a device batch that had already failed
+    with pytest.raises(ZooError, match="ran out of memory with batch size 250") as info:
+        run(h.train_tiny_cnn(), **_native_kwargs(tmp_path, synthetic_data_file, "auto", attacks=["apgd-ce"],
+                                                 run_dir=None))
+    assert "--batch-size 125" in str(info.value)
+    assert len(list((tmp_path / "cache" / "runs").iterdir())) == 1
+    assert [s[2] for s in seen] == ["oom"]   # no retry at a device batch that had already failed
 
 
 def test_native_out_of_memory_with_a_chosen_batch_size_shrinks_the_device_batch_then_says_what_to_pass(

@@ -13,7 +13,7 @@ import torch
 
 import eval_helpers as h
 from zoo.evaluate import run
-from zoo.evaluate.native_engine import NativeEngine
+from zoo.evaluate.attacks.native.engine import NativeEngine
 from zoo.evaluate.record import PerExample, RunRecord, per_example_path
 from zoo.evaluate.state import ShardState
 

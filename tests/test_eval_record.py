@@ -6,8 +6,11 @@ import torch
 
 import eval_helpers as h
 from zoo.evaluate import run
-from zoo.evaluate.engine import ENGINES, AttackView, ReferenceEngine, count_macs
-from zoo.evaluate.record import AdversarialCheckError, PerExample, check_adversarial, perturbation_norms
+from zoo.evaluate.attacks.engine import ENGINES, AttackView
+from zoo.evaluate.attacks.reference import ReferenceEngine
+from zoo.evaluate.estimate import count_macs
+from zoo.evaluate.record import PerExample
+from zoo.evaluate.verify import AdversarialCheckError, check_adversarial, perturbation_norms
 from zoo.evaluate.state import ShardState
 
 
@@ -82,6 +85,7 @@ def test_clean_flags_an_fp32_forward_does_not_reproduce_are_caught(tmp_path, syn
 
 def test_same_weights_in_another_module_is_another_run(tmp_path):
     """Normalisation buffers (non-persistent) and the layer structure are part of the configuration hash."""
+    from zoo.evaluate.options import RunOptions
     from zoo.evaluate.prepare import prepare
     from zoo.models import WideResNet
 
@@ -90,11 +94,9 @@ def test_same_weights_in_another_module_is_another_run(tmp_path):
     a = WideResNet(depth=10, width=1)
     b = WideResNet(depth=10, width=1, activation="relu", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     b.load_state_dict(a.state_dict())
-    common = dict(dataset="cifar10", threat="linf", eps=None, n_ex=None, data=data, data_dir=None,
-                  version="custom", attacks=["apgd-ce"], seed=0, batch_size=4, device="cpu", precision="fp32",
-                  engine="reference", results_dir=tmp_path / "results", run_dir=None, checkpoint=None,
-                  shard=None, chunk_batches=1, channels_last=None, model_label="net", progress=False)
-    hashes = {prepare(m, **common).config_hash for m in (a, b)}
+    options = RunOptions(data=data, version="custom", attacks=("apgd-ce",), batch_size=4, device="cpu",
+                         results_dir=tmp_path / "results", chunk_batches=1, model_label="net", progress=False)
+    hashes = {prepare(m, options).config_hash for m in (a, b)}
     assert len(hashes) == 2
 
 

@@ -11,7 +11,8 @@ import torch
 import eval_helpers as h
 from zoo.errors import BadInputError
 from zoo.evaluate import cli, run
-from zoo.evaluate.engine import AttackView, ReferenceEngine
+from zoo.evaluate.attacks.engine import AttackView
+from zoo.evaluate.attacks.reference import ReferenceEngine
 from zoo.evaluate.record import PerExample, per_example_path
 from zoo.evaluate.state import ShardState
 

@@ -10,8 +10,8 @@ import torch
 from test_native_support import (assert_flags_match, assert_merged_matches_separate, calibrated, cnn_a,  # noqa: F401
                                  correct_points, fooled, make_engine, make_reference,
                                  reference_perturb, trained_cnn)
-from zoo.evaluate.native_engine import NativeOptions
-from zoo.evaluate.native_fab import project_l2, project_linf
+from zoo.evaluate.attacks.native.engine import NativeOptions
+from zoo.evaluate.attacks.native.fab import project_l2, project_linf
 
 CASES = [  # model, norm, eps
     (trained_cnn, "Linf", 3 / 255),
@@ -40,8 +40,8 @@ def test_fab_t_identical_and_side_by_side_targets_agree(make_model, norm, eps):
 
 def test_automatic_target_grouping_keeps_the_flags():
     """On a GPU the engine lets FAB-T group as many targets as fit ``max_points``; same answer."""
-    from zoo.evaluate import native_fab
-    from zoo.evaluate.native_engine import ModelCalls, ReferenceBatches
+    from zoo.evaluate.attacks.native import fab as native_fab
+    from zoo.evaluate.attacks.native._batches import ModelCalls, ReferenceBatches
 
     model = trained_cnn()
     x, y = correct_points(model, 8)
@@ -73,8 +73,8 @@ def test_untargeted_fab_with_random_restarts():
 @pytest.mark.parametrize("norm,eps", [("Linf", 4 / 255), ("L2", 0.3)])
 def test_random_start_run_is_the_reference_single_run(norm, eps):
     """A restart's run from a random start (reseeded generator) equals the reference's single run."""
-    from zoo.evaluate.native_engine import ModelCalls
-    from zoo.evaluate.native_fab import FabSettings, _random_start, run
+    from zoo.evaluate.attacks.native._batches import ModelCalls
+    from zoo.evaluate.attacks.native.fab import FabSettings, _random_start, run
 
     model = trained_cnn()
     x, y = correct_points(model, 6)

@@ -10,7 +10,7 @@ import torch
 from test_native_support import (assert_flags_match, assert_merged_matches_separate, calibrated, cnn_a,  # noqa: F401
                                  correct_points, fooled, make_engine, make_reference,
                                  reference_perturb, trained_cnn)
-from zoo.evaluate.native_engine import NativeOptions
+from zoo.evaluate.attacks.native.engine import NativeOptions
 
 CASES = [  # model, norm, eps, queries
     (trained_cnn, "Linf", 4 / 255, 150),

@@ -34,7 +34,7 @@ def test_wheel_contents(wheel):
     assert {"zoo/__init__.py", "zoo/evaluate/__init__.py", "zoo/evaluate/record.py"} <= names
     assert not any(n.startswith("evaluate/") for n in names), "evaluate/ must only exist as zoo.evaluate"
     assert registry == (REPO / "checkpoints.yaml").read_bytes()  # a real copy, not a link
-    for script in ("zoo = zoo.cli:main", "zoo-eval = zoo.evaluate.cli:main", "zoo-report = zoo.evaluate.report_cli:main"):
+    for script in ("zoo = zoo.cli:main", "zoo-eval = zoo.evaluate.cli:main", "zoo-report = zoo.evaluate.report.cli:main"):
         assert script in entry_points
     requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
     assert requires and not any("==" in line.split(";")[0] for line in requires), "package metadata must use lower bounds only"

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 import zoo
-from zoo import registry
+from zoo import domain, registry
 from zoo.errors import RegistryError, UnknownModelError, UnknownVariantError
 
 PAPER_NUMBERS = {  # (model, dataset): (clean, AutoAttack) as reported by the authors / RobustBench
@@ -106,10 +106,10 @@ def test_list_models_wildcards_and_filters():
 @pytest.mark.parametrize("text,value", [("8/255", 8 / 255), ("0.5", 0.5), (12, 12.0), (" 4/255 ", 4 / 255),
                                         ("0.5/255", 0.5 / 255), ("1e-3", 1e-3)])
 def test_parse_eps(text, value):
-    assert registry.parse_eps(text) == pytest.approx(value)
+    assert domain.parse_eps(text) == pytest.approx(value)
 
 
 @pytest.mark.parametrize("text", ["eight", "8/0", "", "8//255", "nan", "inf/255", "8/255/2"])
 def test_parse_eps_rejects(text):
     with pytest.raises(ValueError, match="8/255"):
-        registry.parse_eps(text)
+        domain.parse_eps(text)

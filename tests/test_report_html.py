@@ -11,8 +11,8 @@ import subprocess
 import pytest
 from test_report_support import FIXTURES, make_record
 
-from zoo.evaluate import leaderboard as lb
-from zoo.evaluate.report_cli import main
+from zoo.evaluate.report import leaderboard as lb
+from zoo.evaluate.report.cli import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

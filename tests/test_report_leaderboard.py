@@ -9,8 +9,8 @@ import pytest
 from test_report_support import FIXTURES, check_golden, make_record
 
 from zoo.errors import BadInputError
-from zoo.evaluate import leaderboard as lb
-from zoo.evaluate.report_cli import main
+from zoo.evaluate.report import leaderboard as lb
+from zoo.evaluate.report.cli import main
 
 PUBLISHED_ROOT = FIXTURES / "robustbench_model_info"
 
@@ -245,7 +245,7 @@ def test_custom_data_from_different_files_is_never_ranked_together():
     import dataclasses
 
     from zoo.errors import BadInputError
-    from zoo.evaluate.leaderboard import latest_runs
+    from zoo.evaluate.report.leaderboard import latest_runs
 
     a = dataclasses.replace(make_record(model="net-a", dataset="custom", n=100, clean=80, robust=50),
                             data={"source": "file", "path": "a.npz", "content_sha256": "a" * 64})
@@ -257,7 +257,7 @@ def test_custom_data_from_different_files_is_never_ranked_together():
 
 
 def test_a_full_run_beats_a_newer_subset_run():
-    from zoo.evaluate.leaderboard import latest_runs
+    from zoo.evaluate.report.leaderboard import latest_runs
 
     full = make_record(n=10000, clean=8861, robust=6104, run_id="full", created="2025-01-01T00:00:00+00:00")
     quick = make_record(n=100, clean=90, robust=60, run_id="quick", created="2025-06-01T00:00:00+00:00")

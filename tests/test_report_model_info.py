@@ -9,8 +9,8 @@ import pytest
 from test_report_support import FIXTURES, check_golden, make_record
 
 from zoo.errors import BadInputError, UnknownModelError
-from zoo.evaluate import model_info as mi
-from zoo.evaluate.report_cli import main
+from zoo.evaluate.report import model_info as mi
+from zoo.evaluate.report.cli import main
 
 GOLDEN_MODEL_INFO = FIXTURES / "model_info" / "cifar10" / "Linf" / "Pang2022Robustness_WRN28_10.json"
 PUBLISHED = FIXTURES / "robustbench_model_info" / "cifar10" / "Linf"

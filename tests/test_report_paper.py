@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from test_report_support import FIXTURES, check_golden, make_record
 
-from zoo.evaluate import paper_table as pt
-from zoo.evaluate.report_cli import main
+from zoo.evaluate.report import paper_table as pt
+from zoo.evaluate.report.cli import main
 
 
 def build_results(root):

@@ -9,9 +9,9 @@ import pytest
 from test_report_support import FIXTURES, make_record
 
 from zoo.errors import BadInputError, ZooError
-from zoo.evaluate import leaderboard as lb
-from zoo.evaluate import plots
-from zoo.evaluate.report_cli import main
+from zoo.evaluate.report import leaderboard as lb
+from zoo.evaluate.report import plots
+from zoo.evaluate.report.cli import main
 
 pytest.importorskip("matplotlib", reason="plots need the matplotlib extra")
 

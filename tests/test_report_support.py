@@ -27,7 +27,7 @@ def make_record(model: str = "score-wrn-28-10", dataset: str = "cifar10", threat
                 seed: int = 0) -> RunRecord:
     """A consistent record; ``stages`` are the robust counts after each standard attack (default: a
     plausible decreasing sequence ending at ``robust``)."""
-    from zoo.registry import parse_eps
+    from zoo.domain import parse_eps
 
     if stages is None:
         stages = (robust + 3 * (robust // 100 + 1), robust + (robust // 100 + 1), robust, robust)

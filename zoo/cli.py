@@ -18,7 +18,8 @@ import sys
 
 from . import registry
 from .errors import run_cli
-from .registry import DATASETS, THREATS, ModelInfo
+from .domain import DATASETS, THREATS
+from .registry import ModelInfo
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import functools
-import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,25 +18,10 @@ from typing import Any
 import yaml
 
 from . import constants
+from .domain import DATASETS, THREATS, parse_eps
 from .errors import RegistryError, UnknownModelError, UnknownVariantError
 
-DATASETS = ("cifar10", "cifar100")
-THREATS = ("linf", "l2", "l1")
 SOURCE_KINDS = ("hub", "url", "gdrive")
-
-
-def parse_eps(value: str | float | int) -> float:
-    """'8/255' -> 0.0313...; plain numbers pass through. Raises ValueError on anything else."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    numerator, slash, denominator = str(value).strip().partition("/")
-    try:
-        result = float(numerator) / float(denominator) if slash else float(numerator)
-    except (ValueError, ZeroDivisionError) as exc:
-        raise ValueError(f"cannot parse eps {value!r}: use a number or a fraction like 8/255") from exc
-    if not math.isfinite(result):
-        raise ValueError(f"cannot parse eps {value!r}: use a finite number or a fraction like 8/255")
-    return result
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .native_engine import ModelCalls, ReferenceBatches
+from ._batches import ModelCalls, ReferenceBatches
+
 
 NOT_FOUND = 1e10   # the reference's "no adversarial iterate yet" distance
 
@@ -149,7 +148,7 @@ def project_l2(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------- one FAB run on a set of points
 
-def _boundary(calls: "ModelCalls", x1: Tensor, y: Tensor, target: Tensor | None, norm: str) -> tuple[Tensor, Tensor]:
+def _boundary(calls: ModelCalls, x1: Tensor, y: Tensor, target: Tensor | None, norm: str) -> tuple[Tensor, Tensor]:
     """(f, grad f) of the linearised boundary to cross: towards ``target``, or the closest other class."""
     rows = torch.arange(y.shape[0], device=y.device)
     if target is not None:
@@ -165,7 +164,7 @@ def _boundary(calls: "ModelCalls", x1: Tensor, y: Tensor, target: Tensor | None,
     return df[rows, closest], dg[rows, closest]
 
 
-def run(calls: "ModelCalls", x: Tensor, y: Tensor, s: FabSettings, target: Tensor | None = None,
+def run(calls: ModelCalls, x: Tensor, y: Tensor, s: FabSettings, target: Tensor | None = None,
         start: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One FAB run on every point; returns (found an adversarial iterate, the smallest one found)."""
     n = x.shape[0]
@@ -209,7 +208,7 @@ def _random_start(x: Tensor, noise: Tensor, s: FabSettings) -> Tensor:
     return (x + radius * t / scale * .5).clamp(0.0, 1.0)
 
 
-def _accepted(calls: "ModelCalls", x: Tensor, y: Tensor, found: Tensor, adv: Tensor, s: FabSettings) -> Tensor:
+def _accepted(calls: ModelCalls, x: Tensor, y: Tensor, found: Tensor, adv: Tensor, s: FabSettings) -> Tensor:
     """The reference's test after a run: misclassified (in fp32) and within eps."""
     candidate = torch.where(found.view(-1, 1, 1, 1), adv, x)
     wrong = calls.logits_fp32(candidate).max(1)[1] != y
@@ -218,7 +217,7 @@ def _accepted(calls: "ModelCalls", x: Tensor, y: Tensor, found: Tensor, adv: Ten
 
 # ---------------------------------------------------------------- the attacks on merged reference batches
 
-def attack(calls: "ModelCalls", x: Tensor, y: Tensor, layout: "ReferenceBatches", s: FabSettings,
+def attack(calls: ModelCalls, x: Tensor, y: Tensor, layout: ReferenceBatches, s: FabSettings,
            target_group: int | None = 1, max_points: int = 1024, point_cap: int | None = None) -> Tensor:
     """FAB-T or FAB on every reference batch of the merged ``x`` (the reference's ``perturb``).
 
@@ -235,7 +234,7 @@ def attack(calls: "ModelCalls", x: Tensor, y: Tensor, layout: "ReferenceBatches"
     return x_out
 
 
-def _attacked(calls: "ModelCalls", x: Tensor, y: Tensor, robust: Tensor) -> tuple[Tensor, Tensor | None]:
+def _attacked(calls: ModelCalls, x: Tensor, y: Tensor, robust: Tensor) -> tuple[Tensor, Tensor | None]:
     """Indices the reference's single run attacks: robust points that its own forward still gets right."""
     idx = robust.nonzero().squeeze(1)
     if idx.numel() == 0:
@@ -272,7 +271,7 @@ def _targeted(calls, x, y, robust, x_out, s: FabSettings, group: int | None, max
         robust[idx[hit]] = False
 
 
-def _untargeted(calls, x, y, layout: "ReferenceBatches", robust, x_out, s: FabSettings) -> None:
+def _untargeted(calls, x, y, layout: ReferenceBatches, robust, x_out, s: FabSettings) -> None:
     for restart in range(s.n_restarts):
         idx, _ = _attacked(calls, x, y, robust)
         if idx.numel() == 0:

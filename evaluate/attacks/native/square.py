@@ -3,7 +3,7 @@
 The reference draws some random numbers once per BATCH per iteration: the square's position (shared by all
 alive points of the batch), the Linf colour of the square, the L2 pattern's orientation; and, for L2, one
 sign per alive point and channel. So in merged-batch mode every reference batch has its own stream (see
-``native_engine.UniformStream``) and its own square position; the device work stays one batch: positions
+``_batches.UniformStream``) and its own square position; the device work stays one batch: positions
 become per-point masks and gathers. The number each batch draws depends on how many of ITS points are
 still alive, which the loop knows because it re-gathers the alive points (like the reference) — every
 iteration for L2, every ``compact_every`` iterations for Linf, whose draws do not depend on that number.
@@ -14,15 +14,11 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .native_engine import UniformStream
-
-if TYPE_CHECKING:
-    from .native_engine import ModelCalls, ReferenceBatches
+from ._batches import ModelCalls, ReferenceBatches, UniformStream
 
 
 def unsupported(attack) -> str | None:
@@ -135,7 +131,7 @@ def _window_mask(top: Tensor, left: Tensor, side: int, h: int, w: int) -> Tensor
 class _Search:
     """State shared by both norms: the points under attack, their batch, their batch's random stream."""
 
-    def __init__(self, calls: "ModelCalls", x: Tensor, y: Tensor, owner: Tensor, counts: list[int],
+    def __init__(self, calls: ModelCalls, x: Tensor, y: Tensor, owner: Tensor, counts: list[int],
                  streams: list[UniformStream], s: SquareSettings):
         self.calls, self.x, self.y, self.owner, self.counts, self.streams, self.s = \
             calls, x, y, owner, counts, streams, s
@@ -281,7 +277,7 @@ class _L2Search(_Search):
         return self.x_best
 
 
-def attack(calls: "ModelCalls", x: Tensor, y: Tensor, layout: "ReferenceBatches", s: SquareSettings,
+def attack(calls: ModelCalls, x: Tensor, y: Tensor, layout: ReferenceBatches, s: SquareSettings,
            compact_every: int = 1) -> Tensor:
     """Square on every reference batch of the merged ``x`` (the reference's ``perturb``, one restart)."""
     x_out = x.clone()

@@ -4,20 +4,20 @@ Same algorithm and the same floating-point operations as ``pyautoattack.autopgd_
 momentum 0.75, step halving at the shrinking checkpoints when the loss oscillates or stalls, restart from
 the best point, success at any iterate), written for merged reference batches: every per-example quantity
 is a tensor updated with masks, so no iteration waits for the host, and each reference batch's random start
-comes from its own generator (see ``native_engine.ReferenceBatches``).
+comes from its own generator (see ``_batches.ReferenceBatches``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .native_engine import ModelCalls, ReferenceBatches
+from ._batches import ModelCalls, ReferenceBatches
+
 
 MOMENTUM = 0.75      # weight of the new step after the first iteration
 STEP_FACTOR = 2.0    # initial step size, in units of eps (Linf and L2)
@@ -143,7 +143,7 @@ class _Step:
 
 # ---------------------------------------------------------------- one run on a set of points
 
-def run(calls: "ModelCalls", x: Tensor, y: Tensor, loss_fn: Callable[[Tensor], Tensor], x_start: Tensor,
+def run(calls: ModelCalls, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor], Tensor], x_start: Tensor,
         s: ApgdSettings) -> tuple[Tensor, Tensor]:
     """One APGD run from ``x_start``; returns (robust at every iterate, last misclassified iterate)."""
     n = x.shape[0]
@@ -191,13 +191,13 @@ def run(calls: "ModelCalls", x: Tensor, y: Tensor, loss_fn: Callable[[Tensor], T
 
 # ---------------------------------------------------------------- the attacks on merged reference batches
 
-def _start_noise(x: Tensor, idx: Tensor, layout: "ReferenceBatches", s: ApgdSettings) -> Tensor:
+def _start_noise(x: Tensor, idx: Tensor, layout: ReferenceBatches, s: ApgdSettings) -> Tensor:
     noise = layout.draw(layout.counts(idx), x.shape[1:], normal=s.norm == "L2")
     return noise.to(x.device)
 
 
-def _attack_still_robust(calls: "ModelCalls", x: Tensor, y: Tensor, robust: Tensor, x_out: Tensor,
-                         layout: "ReferenceBatches", s: ApgdSettings,
+def _attack_still_robust(calls: ModelCalls, x: Tensor, y: Tensor, robust: Tensor, x_out: Tensor,
+                         layout: ReferenceBatches, s: ApgdSettings,
                          loss_for: Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]]) -> bool:
     """One APGD run (one restart) on the points still robust, updating ``robust`` and ``x_out`` with the
     confirmed successes; False when no point was left to attack. ``loss_for(xs, ys)`` builds the loss."""
@@ -214,7 +214,7 @@ def _attack_still_robust(calls: "ModelCalls", x: Tensor, y: Tensor, robust: Tens
     return True
 
 
-def untargeted(calls: "ModelCalls", x: Tensor, y: Tensor, layout: "ReferenceBatches", s: ApgdSettings,
+def untargeted(calls: ModelCalls, x: Tensor, y: Tensor, layout: ReferenceBatches, s: ApgdSettings,
                loss: str = "ce") -> Tensor:
     """APGD-CE / APGD-DLR on every reference batch of the merged ``x`` (the reference's ``perturb``)."""
     make_loss = {"ce": ce_loss, "dlr": dlr_loss}[loss]
@@ -226,7 +226,7 @@ def untargeted(calls: "ModelCalls", x: Tensor, y: Tensor, layout: "ReferenceBatc
     return x_out
 
 
-def targeted(calls: "ModelCalls", x: Tensor, y: Tensor, layout: "ReferenceBatches", s: ApgdSettings) -> Tensor:
+def targeted(calls: ModelCalls, x: Tensor, y: Tensor, layout: ReferenceBatches, s: ApgdSettings) -> Tensor:
     """APGD-T: targeted DLR towards the 2nd, 3rd, ... most likely class in turn, on the points still robust."""
     x_out = x.clone()
     robust = calls.logits(x).max(1)[1] == y

@@ -15,7 +15,7 @@ from zoo.registry import info
 
 from .leaderboard import DATASET_LABEL, latest_runs, latex_table, load_records, markdown_table
 from .model_info import FULL_TEST_SET, format_eps, is_partial
-from .record import RunRecord
+from ..record import RunRecord
 
 PAPER_MODELS = ("score-wrn-28-10", "score-wrn-70-16")
 PAPER_DATASETS = ("cifar10", "cifar100")

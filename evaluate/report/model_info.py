@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from zoo.errors import BadInputError
-from zoo.registry import ModelInfo, Source, info, parse_eps
+from zoo.domain import parse_eps
+from zoo.registry import ModelInfo, Source, info
 
-from .record import RunRecord
+from ..record import RunRecord
 
 #: Size of the full test split RobustBench evaluates on; fewer points make a partial run.
 FULL_TEST_SET = {"cifar10": 10000, "cifar100": 10000}

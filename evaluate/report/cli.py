@@ -12,10 +12,10 @@ from pathlib import Path
 
 from zoo.errors import BadInputError, run_cli
 from zoo.fileio import atomic_write_text
-from zoo.registry import THREATS, parse_eps
+from zoo.domain import THREATS, parse_eps
 
 from . import leaderboard, model_info, paper_table, plots
-from .record import RunRecord
+from ..record import RunRecord
 
 DEFAULT_RESULTS = Path("results")
 

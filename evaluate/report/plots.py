@@ -16,7 +16,7 @@ from zoo.fileio import atomic_write_bytes
 
 from .leaderboard import DATASET_LABEL, Leaderboard, canonical_model, latest_runs
 from .model_info import ROBUSTBENCH_THREAT, format_eps, same_eps
-from .record import RunRecord
+from ..record import RunRecord
 
 WIDTH_IN, HEIGHT_IN, DPI = 3.5, 2.6, 300
 MIN_FONT_PT = 8

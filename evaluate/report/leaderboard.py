@@ -21,7 +21,7 @@ from zoo.registry import load_registry, resolve_name
 
 from .model_info import (FULL_TEST_SET, ROBUSTBENCH_THREAT, format_eps, is_partial, model_info_files,
                          read_model_info, same_eps)
-from .record import RunRecord
+from ..record import RunRecord
 
 DATASET_LABEL = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 
@@ -320,7 +320,7 @@ def to_html(board: Leaderboard) -> str:
             f"<td>{esc(e.source)}</td></tr>")
     notes = "\n".join(f"<p class=\"note\">{esc(n)}</p>" for n in board.notes)
     values = {"title": esc(board.title), "rows": "\n".join(rows), "notes": notes, "count": str(len(rows))}
-    template = resources.files("zoo.evaluate").joinpath("templates/leaderboard.html").read_text(encoding="utf-8")
+    template = resources.files("zoo.evaluate.report").joinpath("templates/leaderboard.html").read_text(encoding="utf-8")
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
 
 
