@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=ROBUSTBENCH_BATCH_SIZE,
                    help="the baseline's batch size, and ours at the same (default: RobustBench's 32)")
     p.add_argument("--large-batch-size", type=int, default=0,
-                   help=f"also run ours (native engine) at this batch size, e.g. {DEFAULT_BATCH_SIZE} (zoo-eval's CPU "
+                   help=f"also run ours (native engine) at this batch size, e.g. {DEFAULT_BATCH_SIZE} (zoo-eval's "
                         "default); 0 (default) skips it, keeping the default run near 3 minutes")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for every run (default 1)")
     p.add_argument("--torch-compile", metavar="MODE", default=None,

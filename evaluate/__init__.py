@@ -4,27 +4,9 @@ Attributes load lazily, so ``zoo.evaluate.record`` (read by the reports and ``zo
 without the runner, the attacks or torch.
 """
 
-from importlib import import_module
-from typing import Any
+from zoo._lazy import lazy_attributes
 
-_LAZY = {"run": ".runner", "plan": ".runner", "merge": ".runner", "RunOptions": ".options",
-         "RunRecord": ".record", "PerExample": ".record"}
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name], __name__), name)
-    else:   # a submodule (``zoo.evaluate.runner`` after ``import zoo.evaluate``), as an eager __init__ gives
-        try:
-            value = import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module 'zoo.evaluate' has no attribute {name!r}") from None
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+_EXPORTS = {"run": ".runner", "plan": ".runner", "merge": ".runner", "RunOptions": ".options",
+            "RunRecord": ".record", "PerExample": ".record"}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)

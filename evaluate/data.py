@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from zoo import constants
-from zoo.errors import BadInputError, DownloadError, OfflineError
+from zoo.errors import BadInputError, DataError, DownloadError, OfflineError
 from zoo.fileio import sha256_file
 
 CIFAR_TEST_SIZE = 10000
@@ -58,16 +58,16 @@ def _check_n_ex(n_ex: int | None, available: int, what: str) -> int:
     if n_ex is None:
         return available
     if isinstance(n_ex, bool) or not isinstance(n_ex, (int, np.integer)) or n_ex <= 0:
-        raise BadInputError(f"--n-ex must be a positive integer, got {n_ex!r}")
+        raise DataError(f"--n-ex must be a positive integer, got {n_ex!r}")
     if n_ex > available:
-        raise BadInputError(f"--n-ex {n_ex} is larger than {what}, which has {available} images",
+        raise DataError(f"--n-ex {n_ex} is larger than {what}, which has {available} images",
                             hint=f"pass --n-ex {available} or less")
     return int(n_ex)
 
 
 def load_cifar(dataset: str, n_ex: int | None = None, data_dir: str | Path | None = None) -> EvalData:
     if dataset not in _TORCHVISION:
-        raise BadInputError(f"unknown dataset {dataset!r}", hint=f"use one of {sorted(_TORCHVISION)}, "
+        raise DataError(f"unknown dataset {dataset!r}", hint=f"use one of {sorted(_TORCHVISION)}, "
                                                                   "or --data FILE.npz for your own images")
     n_ex = _check_n_ex(CIFAR_TEST_SIZE if n_ex is None else n_ex, CIFAR_TEST_SIZE, f"the {dataset} test set")
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
@@ -101,48 +101,48 @@ def load_file(path: str | Path, n_ex: int | None = None) -> EvalData:
     """A user's ``.npz`` with ``x`` (uint8 NHWC 0-255 or float NCHW in [0, 1]) and integer labels ``y``."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise BadInputError(f"data file {path} does not exist", hint="pass the path of an .npz file with arrays x and y")
+        raise DataError(f"data file {path} does not exist", hint="pass the path of an .npz file with arrays x and y")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in ("x", "y") if k not in npz.files]
             if missing:
-                raise BadInputError(f"data file {path} has no array(s) {missing} (it has {npz.files})",
+                raise DataError(f"data file {path} has no array(s) {missing} (it has {npz.files})",
                                     hint="save it with np.savez(path, x=images, y=labels)")
             x_raw, y_raw = npz["x"], npz["y"]
     except BadInputError:
         raise
     except Exception as exc:  # zipfile/pickle/format errors
-        raise BadInputError(f"data file {path} is not a readable .npz ({type(exc).__name__}: {exc})",
+        raise DataError(f"data file {path} is not a readable .npz ({type(exc).__name__}: {exc})",
                             hint="save it with np.savez(path, x=images, y=labels)") from None
     where = f"data file {path}"
     if x_raw.ndim != 4:
-        raise BadInputError(f"{where}: x must be 4-dimensional (N images), got shape {x_raw.shape}")
+        raise DataError(f"{where}: x must be 4-dimensional (N images), got shape {x_raw.shape}")
     if y_raw.ndim != 1 or len(y_raw) != len(x_raw):
-        raise BadInputError(f"{where}: y must be a 1-D array with one label per image; "
+        raise DataError(f"{where}: y must be a 1-D array with one label per image; "
                             f"x has {len(x_raw)} images, y has shape {y_raw.shape}")
     if not np.issubdtype(y_raw.dtype, np.integer):
-        raise BadInputError(f"{where}: y must hold integer class labels, got dtype {y_raw.dtype}")
+        raise DataError(f"{where}: y must hold integer class labels, got dtype {y_raw.dtype}")
     if len(y_raw) and y_raw.min() < 0:
-        raise BadInputError(f"{where}: y holds negative labels (min {y_raw.min()})")
+        raise DataError(f"{where}: y holds negative labels (min {y_raw.min()})")
     n_ex = _check_n_ex(n_ex, len(x_raw), where)
     x_raw, y_raw = x_raw[:n_ex], y_raw[:n_ex]
     if x_raw.dtype == np.uint8:
         if x_raw.shape[-1] not in (1, 3):
-            raise BadInputError(f"{where}: uint8 images must be NHWC with 1 or 3 channels last, got shape "
+            raise DataError(f"{where}: uint8 images must be NHWC with 1 or 3 channels last, got shape "
                                 f"{x_raw.shape}", hint="or store float32 NCHW images in [0, 1]")
         x = _from_uint8_nhwc(x_raw)
     elif np.issubdtype(x_raw.dtype, np.floating):
         if x_raw.shape[1] not in (1, 3):
-            raise BadInputError(f"{where}: float images must be NCHW with 1 or 3 channels, got shape "
+            raise DataError(f"{where}: float images must be NCHW with 1 or 3 channels, got shape "
                                 f"{x_raw.shape}", hint="or store uint8 NHWC images in 0-255")
         if not np.all(np.isfinite(x_raw)):
-            raise BadInputError(f"{where}: x contains NaN or infinite values")
+            raise DataError(f"{where}: x contains NaN or infinite values")
         if x_raw.min() < 0 or x_raw.max() > 1:
-            raise BadInputError(f"{where}: float images must lie in [0, 1], got [{x_raw.min():g}, {x_raw.max():g}]",
+            raise DataError(f"{where}: float images must lie in [0, 1], got [{x_raw.min():g}, {x_raw.max():g}]",
                                 hint="divide 0-255 images by 255")
         x = torch.from_numpy(np.ascontiguousarray(x_raw, dtype=np.float32))
     else:
-        raise BadInputError(f"{where}: x must be uint8 (0-255, NHWC) or float (0-1, NCHW), got dtype {x_raw.dtype}")
+        raise DataError(f"{where}: x must be uint8 (0-255, NHWC) or float (0-1, NCHW), got dtype {x_raw.dtype}")
     source = {"source": "file", "name": path.name, "path": str(path.resolve()), "sha256": sha256_file(path)}
     return _finish(x, y_raw.astype(np.int64), "custom", None, source)
 
@@ -151,7 +151,7 @@ def check_labels(data: EvalData, num_classes: int) -> None:
     """Every label must be a class the model can output."""
     if len(data) and int(data.y.max()) >= num_classes:
         bad = int((data.y >= num_classes).sum())
-        raise BadInputError(f"{bad} label(s) in the data are >= {num_classes}, the model's number of classes "
+        raise DataError(f"{bad} label(s) in the data are >= {num_classes}, the model's number of classes "
                             f"(largest label {int(data.y.max())})",
                             hint="check that the data set matches the model (CIFAR-10 vs CIFAR-100)")
 

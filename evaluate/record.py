@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from zoo.errors import BadInputError
+from zoo.errors import BadInputError, RecordError
 from zoo.fileio import atomic_write_bytes, atomic_write_text
 
 SCHEMA_VERSION = 1
@@ -106,26 +106,26 @@ class RunRecord:
     @classmethod
     def from_dict(cls, data: Any, origin: str = "record") -> "RunRecord":
         if not isinstance(data, dict):
-            raise BadInputError(f"{origin}: not a JSON object")
+            raise RecordError(f"{origin}: not a JSON object")
         if data.get("schema_version") != SCHEMA_VERSION:
-            raise BadInputError(f"{origin}: schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+            raise RecordError(f"{origin}: schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
         names = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
         missing = sorted(required - set(data))
         if missing:
-            raise BadInputError(f"{origin}: missing field(s) {missing}")
+            raise RecordError(f"{origin}: missing field(s) {missing}")
         unknown = sorted(set(data) - names - {"schema_version", "n_ex"})
         if unknown:
-            raise BadInputError(f"{origin}: unknown field(s) {unknown}")
+            raise RecordError(f"{origin}: unknown field(s) {unknown}")
         wrong = [f"{k} must be {_FIELD_TYPES[k][1]}" for k in _FIELD_TYPES
                  if k in data and not _is_type(data[k], _FIELD_TYPES[k][0])]
         if wrong:
-            raise BadInputError(f"{origin}: wrongly typed field(s): " + "; ".join(wrong))
+            raise RecordError(f"{origin}: wrongly typed field(s): " + "; ".join(wrong))
         try:
             datetime.fromisoformat(data["created"])
         except ValueError:
-            raise BadInputError(f"{origin}: 'created' is not an ISO 8601 time ({data['created']!r})") from None
+            raise RecordError(f"{origin}: 'created' is not an ISO 8601 time ({data['created']!r})") from None
         try:
             kwargs = {k: data[k] for k in names if k in data}
             kwargs["clean"] = _accuracy(data["clean"])
@@ -141,7 +141,7 @@ class RunRecord:
         except BadInputError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BadInputError(f"{origin}: malformed record ({type(exc).__name__}: {exc})") from None
+            raise RecordError(f"{origin}: malformed record ({type(exc).__name__}: {exc})") from None
         return record
 
     def validate(self, origin: str = "record") -> None:
@@ -160,7 +160,7 @@ class RunRecord:
         if self.complete and self.stages and self.stages[-1].robust.correct != self.robust.correct:
             problems.append("the last stage's robust count differs from the robust accuracy")
         if problems:
-            raise BadInputError(f"{origin}: inconsistent record: " + "; ".join(problems))
+            raise RecordError(f"{origin}: inconsistent record: " + "; ".join(problems))
 
     @classmethod
     def read(cls, path: str | Path) -> "RunRecord":
@@ -168,7 +168,7 @@ class RunRecord:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise BadInputError(f"{path}: cannot read result record ({exc})") from None
+            raise RecordError(f"{path}: cannot read result record ({exc})") from None
         return cls.from_dict(data, origin=str(path))
 
     def relative_path(self) -> Path:
@@ -242,7 +242,7 @@ class PerExample:
             if getattr(self, name).shape != (n,):
                 problems.append(f"{name} has shape {getattr(self, name).shape}, expected ({n},)")
         if problems:
-            raise BadInputError(f"{origin}: " + "; ".join(problems))
+            raise RecordError(f"{origin}: " + "; ".join(problems))
         fooled = self.broken_by >= 0
         if np.any(self.robust & ~self.clean_correct):
             problems.append("robust examples that were not clean-correct")
@@ -255,7 +255,7 @@ class PerExample:
         if self.x_adv.shape[:1] != self.adv_positions.shape:
             problems.append(f"x_adv holds {self.x_adv.shape[0]} images for {len(self.adv_positions)} fooled examples")
         if problems:
-            raise BadInputError(f"{origin}: inconsistent per-example arrays: " + "; ".join(problems))
+            raise RecordError(f"{origin}: inconsistent per-example arrays: " + "; ".join(problems))
 
     def full_x_adv(self, x_clean: np.ndarray) -> np.ndarray:
         """All n adversarial images (clean image where none was found), as AutoAttack returns them."""
@@ -279,10 +279,10 @@ class PerExample:
             with np.load(path, allow_pickle=False) as data:
                 missing = [k for k in PER_EXAMPLE_KEYS if k not in data.files]
                 if missing:
-                    raise BadInputError(f"{path}: missing array(s) {missing}")
+                    raise RecordError(f"{path}: missing array(s) {missing}")
                 arrays = {k: data[k] for k in PER_EXAMPLE_KEYS}
         except (OSError, ValueError) as exc:
-            raise BadInputError(f"{path}: cannot read per-example arrays ({exc})") from None
+            raise RecordError(f"{path}: cannot read per-example arrays ({exc})") from None
         out = cls(**arrays)
         out.check(str(path))
         return out

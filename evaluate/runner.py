@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from zoo.errors import BadInputError, ZooError
+from zoo.errors import BadInputError, RunStateError, ZooError
 
 from .attacks.compiled import compiled_for_attacks
 from .attacks.engine import AttackView, engine_class
@@ -268,7 +268,7 @@ def _execute(setup: Setup, live: Live) -> RunRecord | None:
     if path.exists():
         state = ShardState.load(path)
         if state.config_hash != setup.config_hash or not np.array_equal(state.positions, positions):
-            raise BadInputError(f"{path} belongs to a different configuration or split",
+            raise RunStateError(f"{path} belongs to a different configuration or split",
                                 hint=f"delete {path} to redo this shard")
         if not state.done and setup.is_rank0:
             log.info("resuming at stage %d of %d, batch %d", state.stage + 1, state.n_stages, state.batches_done)
@@ -376,7 +376,7 @@ def merge(run_dir: str | Path, model: nn.Module | None = None, results_dir: str 
     setup = prepare(model if model is not None else inv["model"], options)
     if setup.config_hash != doc["config_hash"]:
         diff = config_differences(doc["config"], setup.config)
-        raise BadInputError(f"{run_dir} was made with a different configuration than can be rebuilt now "
+        raise RunStateError(f"{run_dir} was made with a different configuration than can be rebuilt now "
                             f"(differs in: {', '.join(diff)})",
                             hint="merge with the same library versions, checkpoint and data as the run")
     return _finalize(setup, doc)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zoo.errors import BadInputError
+from zoo.errors import BadInputError, RunStateError
 
 from .record import PerExample
 from .state import ShardState, shard_file_name
@@ -102,7 +102,7 @@ def wait_for_shards(run_dir: Path, count: int, poll_seconds: float = 2.0, timeou
             return
         waited = time.monotonic() - start
         if timeout is not None and waited > timeout:
-            raise BadInputError(f"shards {pending} of {count} did not finish within {timeout:.0f} s",
+            raise RunStateError(f"shards {pending} of {count} did not finish within {timeout:.0f} s",
                                 hint=f"run them, then `zoo-eval merge {run_dir}`")
         if waited - last_note >= 60 or last_note == 0.0:
             log.info("waiting for shard(s) %s of %d to finish", pending, count)
@@ -142,7 +142,7 @@ def _pick_split(run_dir: Path, files: list[Path]) -> int:
             continue
     if len(finished) == 1:
         return finished[0]
-    raise BadInputError(f"{run_dir} holds shard files of several splits (K = {splits}), "
+    raise RunStateError(f"{run_dir} holds shard files of several splits (K = {splits}), "
                         f"{'none' if not finished else 'more than one'} of them complete",
                         hint="delete the shard-*-of-K files of the split you do not want, then merge")
 
@@ -152,35 +152,35 @@ def merge_states(run_dir: Path, config_hash: str, indices: tuple[int, ...], coun
     gaps or overlaps. ``count`` picks the split (K); by default the only one, or the only complete one."""
     files = shard_files(run_dir)
     if not files:
-        raise BadInputError(f"{run_dir} holds no shard state files", hint="start the run first")
+        raise RunStateError(f"{run_dir} holds no shard state files", hint="start the run first")
     count = _pick_split(run_dir, files) if count is None else count
     files = [p for p in files if _split_of(p) == count]
     if not files:
-        raise BadInputError(f"{run_dir} holds no shard files of the {count}-way split", hint="run the shards first")
+        raise RunStateError(f"{run_dir} holds no shard files of the {count}-way split", hint="run the shards first")
     states = [(p, ShardState.load(p)) for p in files]
     foreign = [p.name for p, s in states if s.config_hash != config_hash]
     if foreign:
-        raise BadInputError(f"shard file(s) {foreign} in {run_dir} belong to a different configuration",
+        raise RunStateError(f"shard file(s) {foreign} in {run_dir} belong to a different configuration",
                             hint="remove them, or merge each run folder separately")
     unfinished = [f"{p.name} (stage {s.stage + 1} of {s.n_stages})" for p, s in states if not s.done]
     if unfinished:
-        raise BadInputError(f"shard(s) not finished: {', '.join(unfinished)}",
+        raise RunStateError(f"shard(s) not finished: {', '.join(unfinished)}",
                             hint="run the missing shards (re-running a shard command resumes it), then merge")
     n = len(indices)
     owner = np.full(n, -1, np.int64)
     for k, (p, s) in enumerate(states):
         if len(s.positions) and (s.positions.min() < 0 or s.positions.max() >= n):
-            raise BadInputError(f"{p.name} covers positions outside the run's {n} examples")
+            raise RunStateError(f"{p.name} covers positions outside the run's {n} examples")
         taken = owner[s.positions] >= 0
         if taken.any() or len(np.unique(s.positions)) != len(s.positions):
             other = files[owner[s.positions][taken][0]].name if taken.any() else p.name
-            raise BadInputError(f"{p.name} and {other} cover the same examples (overlapping shards)",
+            raise RunStateError(f"{p.name} and {other} cover the same examples (overlapping shards)",
                                 hint="keep one split: delete the shard files of the other one")
         owner[s.positions] = k
     missing = np.flatnonzero(owner < 0)
     if len(missing):
         counts = sorted({s.shard_count for _, s in states})
-        raise BadInputError(f"{len(missing)} of {n} examples are in no finished shard (first missing position "
+        raise RunStateError(f"{len(missing)} of {n} examples are in no finished shard (first missing position "
                             f"{int(missing[0])}; shards present: {[p.name for p in files]})",
                             hint=f"run every shard of the split (K={counts[0] if len(counts) == 1 else counts}), "
                                  "then merge again")

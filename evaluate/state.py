@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from zoo.errors import BadInputError
+from zoo.errors import RunStateError
 from zoo.fileio import atomic_write_bytes
 
 STATE_VERSION = 1
@@ -62,7 +62,7 @@ def write_config_once(run_dir: Path, document: dict[str, Any]) -> dict[str, Any]
     existing = read_config(run_dir)
     if existing["config_hash"] != document["config_hash"]:
         diff = config_differences(existing["config"], document["config"])
-        raise BadInputError(
+        raise RunStateError(
             f"run folder {run_dir} belongs to a different evaluation (differs in: {', '.join(diff) or 'hash'}); "
             "refusing to resume it",
             hint="re-run with exactly the settings it was started with, or use another --run-dir")
@@ -74,15 +74,15 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise BadInputError(f"{run_dir} is not a zoo-eval run folder (no {CONFIG_FILE})",
+        raise RunStateError(f"{run_dir} is not a zoo-eval run folder (no {CONFIG_FILE})",
                             hint="pass the folder printed as 'run folder' when the run started") from None
     except (OSError, ValueError) as exc:
-        raise BadInputError(f"{path} is unreadable ({exc})", hint="delete the run folder to start over") from None
+        raise RunStateError(f"{path} is unreadable ({exc})", hint="delete the run folder to start over") from None
     if not isinstance(doc, dict) or not {"config", "config_hash", "invocation", "run_id"} <= set(doc):
-        raise BadInputError(f"{path} is not a zoo-eval run configuration",
+        raise RunStateError(f"{path} is not a zoo-eval run configuration",
                             hint="delete the run folder to start over")
     if config_hash(doc["config"]) != doc["config_hash"]:
-        raise BadInputError(f"{path} was edited: its configuration no longer matches its hash",
+        raise RunStateError(f"{path} was edited: its configuration no longer matches its hash",
                             hint="delete the run folder to start over")
     return doc
 
@@ -173,9 +173,9 @@ class ShardState:
                 arrays = {k: npz[k] for k in npz.files}
             meta = json.loads(str(arrays.pop("meta")))
         except Exception as exc:  # truncated zip, bad JSON, missing key
-            raise BadInputError(f"run state {path} is unreadable ({type(exc).__name__}: {exc})", hint=fix) from None
+            raise RunStateError(f"run state {path} is unreadable ({type(exc).__name__}: {exc})", hint=fix) from None
         if meta.get("state_version") != STATE_VERSION:
-            raise BadInputError(f"run state {path} has state_version {meta.get('state_version')!r}, "
+            raise RunStateError(f"run state {path} has state_version {meta.get('state_version')!r}, "
                                 f"expected {STATE_VERSION}", hint=fix)
         try:
             n = len(arrays["positions"])
@@ -191,5 +191,5 @@ class ShardState:
                         forward_images=list(meta["forward_images"]), backward_images=list(meta["backward_images"]),
                         rejected=list(meta["rejected"]))
         except (KeyError, ValueError, IndexError) as exc:
-            raise BadInputError(f"run state {path} is malformed ({type(exc).__name__}: {exc})", hint=fix) from None
+            raise RunStateError(f"run state {path} is malformed ({type(exc).__name__}: {exc})", hint=fix) from None
         return state

@@ -13,7 +13,6 @@ from zoo.errors import BadInputError
 from zoo.evaluate import plan, run, runner
 from zoo.evaluate.attacks import compiled
 from zoo.evaluate.attacks.native.engine import NativeEngine
-from zoo.evaluate.attacks.reference import ReferenceEngine
 from zoo.evaluate.cli import main as zoo_eval
 
 needs_compiler = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),

@@ -54,6 +54,19 @@ class BadInputError(ZooError, ValueError):
     __str__ = Exception.__str__
 
 
+class DataError(BadInputError):
+    """Evaluation data that cannot be used: a missing or malformed file, labels the model cannot output."""
+
+
+class RunStateError(BadInputError):
+    """A run folder or shard state that cannot be resumed or merged as asked (other configuration, gaps,
+    unfinished shards)."""
+
+
+class RecordError(BadInputError):
+    """A result record (JSON and its .npz) that is unreadable, malformed or inconsistent."""
+
+
 def run_cli(prog: str | Callable[[], str], body: Callable[[], int]) -> int:
     """Run a console command's body: a ZooError becomes one message on stderr and exit code 2.
 

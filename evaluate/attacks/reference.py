@@ -8,8 +8,6 @@ import pyautoattack
 import torch
 from torch import nn
 
-from zoo.errors import BadInputError
-
 from .engine import KNOWN_ATTACKS, Engine
 
 
@@ -30,7 +28,7 @@ class ReferenceEngine(Engine):
     def attacks_for(version: str, norm: str) -> list[str]:
         """The attack sequence pyautoattack runs for ``version`` (read from pyautoattack, not copied)."""
         if version == "custom":
-            raise BadInputError("version 'custom' has no fixed attack list", hint="pass --attacks a,b,c")
+            raise ValueError("version 'custom' has no fixed attack list")
         aa = pyautoattack.AutoAttack(nn.Identity(), eps=1.0, norm=norm, seed=0, version=version)
         return list(aa.attacks_to_run)
 
@@ -56,7 +54,7 @@ class ReferenceEngine(Engine):
         if attack == "square":
             aa.square.seed = seed
             return aa.square
-        raise BadInputError(f"unknown attack {attack!r}", hint=f"use some of {', '.join(KNOWN_ATTACKS)}")
+        raise ValueError(f"unknown attack {attack!r}; known: {', '.join(KNOWN_ATTACKS)}")
 
     def attack_batch(self, attack: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.configured(attack).perturb(x, y)
@@ -102,4 +100,4 @@ class ReferenceEngine(Engine):
         if attack == "square":
             s = aa.square
             return 2 + s.n_restarts * s.n_queries, 0
-        raise BadInputError(f"unknown attack {attack!r}")
+        raise ValueError(f"unknown attack {attack!r}")

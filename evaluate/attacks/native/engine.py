@@ -127,7 +127,7 @@ class NativeEngine(Engine):
     def attack_batches(self, attack: str, batches: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
         """x_adv for each reference batch, as if the reference attack ran on each batch on its own."""
         if attack not in KNOWN_ATTACKS:
-            raise BadInputError(f"unknown attack {attack!r}", hint=f"use some of {', '.join(KNOWN_ATTACKS)}")
+            raise ValueError(f"unknown attack {attack!r}; known: {', '.join(KNOWN_ATTACKS)}")
         counts = self.counters.setdefault(attack, {"forward": 0, "backward": 0, "fp32_check": 0})
         if attack in self.delegated_attacks:
             return [self._run_reference(attack, x, y, counts) for x, y in batches]
