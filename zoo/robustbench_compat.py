@@ -1,7 +1,9 @@
-"""Loading non-SCORE models through RobustBench despite its packaging problems.
+"""RobustBench alongside us, despite its packaging problems.
 
 robustbench 1.1.1 imports ``pkg_resources`` (gone from setuptools >= 81) and ``from autoattack import
-AutoAttack`` while PyPI's AutoAttack installs as ``pyautoattack``. We alias the module before importing it.
+AutoAttack`` (fra31's API) while PyPI's AutoAttack installs as ``pyautoattack`` with another API. Importing
+this module registers ``autoattack`` as an adapter with fra31's API over pyautoattack
+(:mod:`zoo.autoattack_compat`), so ``robustbench.utils.load_model`` and ``robustbench.eval.benchmark`` run.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib.util
 import sys
 import warnings
 
+from . import autoattack_compat
 from .errors import DownloadError, ZooError
 
 _THREATS = {"linf": "Linf", "l2": "L2", "corruptions": "corruptions"}
@@ -27,7 +30,7 @@ def import_robustbench():
     if "autoattack" not in sys.modules and importlib.util.find_spec("autoattack") is None:
         if importlib.util.find_spec("pyautoattack") is None:
             raise ZooError("RobustBench imports AutoAttack, which is not installed", hint="pip install pyautoattack")
-        sys.modules["autoattack"] = importlib.import_module("pyautoattack")
+        autoattack_compat.install()
     with warnings.catch_warnings():  # its imports warn about pkg_resources and torch.jit: noise for our users
         warnings.simplefilter("ignore")
         return importlib.import_module("robustbench")
@@ -56,3 +59,7 @@ def load(name: str, dataset: str, threat: str, device=None):
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+if importlib.util.find_spec("pyautoattack") is not None:
+    autoattack_compat.install()   # importing this module is how users ask for the adapter (see the docstring)
