@@ -38,6 +38,8 @@ def _run_parser() -> argparse.ArgumentParser:
     _add_option_flags(p)
     p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False, default=None,
                    help="keep the model in NCHW memory format on GPUs (default: channels_last there)")
+    p.add_argument("--allow-large-eps", dest="allow_large_eps", action="store_const", const=True, default=None,
+                   help="accept an eps that covers the whole image space (e.g. linf eps >= 1)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
                    help="no progress bar / progress lines")
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run kept in RUN_DIR")

@@ -67,6 +67,8 @@ class RunOptions:
     threat: str = _option("linf", "threat model", hashed=VALUE, choices=_threats)
     eps: str | float | None = _option(None, "perturbation budget, e.g. 8/255 or 0.5 (default: the registry "
                                             "variant's, else 8/255 linf, 0.5 l2, 12 l1)", hashed=DERIVED)
+    allow_large_eps: bool = _option(False, "accept an eps that covers the whole image space (e.g. linf eps >= 1)",
+                                    hashed=NOT_HASHED, flag=None)
     n_ex: int | None = _option(None, "evaluate the first N test images (default all)", hashed=DERIVED, type=int)
     data: str | Path | None = _option(None, ".npz with x (uint8 NHWC or float NCHW in [0,1]) and y",
                                       hashed=DERIVED)

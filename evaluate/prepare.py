@@ -37,7 +37,8 @@ from .state import config_hash
 
 MAX_DEVICE_BATCH = 1024
 PROBE_MEMORY_FRACTION = 0.5   # leave half the GPU for the attacks' own buffers
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+MAX_LABEL_LENGTH = 100
 
 
 # ---------------------------------------------------------------- the setup
@@ -166,6 +167,26 @@ def _check_writable(folder: Path) -> None:
                             hint=fix) from None
 
 
+def check_label(label: str) -> str:
+    """A model label names a results folder: one path component of sane length, nothing a shell or a file
+    system would misread (``fullmatch``: ``$`` alone would accept a trailing newline)."""
+    if not isinstance(label, str) or not _LABEL.fullmatch(label) or len(label) > MAX_LABEL_LENGTH:
+        shown = label if not isinstance(label, str) or len(label) <= 40 else label[:40] + "..."
+        raise BadInputError(f"model label {shown!r} cannot name a results folder",
+                            hint=f"use 1-{MAX_LABEL_LENGTH} letters, digits and . _ + - (starting with a letter or "
+                                 "digit)")
+    return label
+
+
+def check_eps_range(eps: float, norm: str, dims: int, allow_large: bool) -> None:
+    """Refuse budgets past which every image in [0, 1] is reachable (a typo such as 8 for 8/255)."""
+    limit = {"Linf": 1.0, "L2": dims ** 0.5, "L1": float(dims)}[norm]
+    if eps >= limit and not allow_large:
+        raise BadInputError(f"eps {eps:g} covers the whole {norm} image space of [0, 1]^{dims} (limit {limit:.4g}); "
+                            "every image would be reachable", hint="did you mean a fraction like 8/255? Pass "
+                                                                  "--allow-large-eps if this is intended")
+
+
 def _weights_sha256(model: nn.Module) -> str:
     """A fingerprint of the weights, for modules that did not come from a checkpoint file."""
     return _tensors_sha256(model.state_dict().items())
@@ -222,11 +243,7 @@ def _load_model(model_or_name: Any, variant: registry.Variant | None, model_data
         kind = "module"
     else:
         raise BadInputError(f"model must be a registry name or a torch.nn.Module, got {type(model_or_name).__name__}")
-    if model_label is not None:
-        label = model_label
-    if not _LABEL.match(label):
-        raise BadInputError(f"model label {label!r} cannot name a results folder",
-                            hint="use letters, digits and . _ + - only")
+    label = check_label(model_label if model_label is not None else label)
     fetched = getattr(model, "checkpoint_info", None)
     if fetched is not None:
         info = {"source": str(fetched.source), "sha256": fetched.sha256, "path": str(fetched.path)}
@@ -347,10 +364,13 @@ def prepare(model_or_name: Any, options: RunOptions) -> Setup:
     results_dir = Path(o.results_dir).expanduser()
     _check_writable(results_dir)
 
+    if o.model_label is not None:
+        check_label(o.model_label)   # before any download or data loading
     variant = _registry_variant(model_or_name, o.dataset, threat, o.checkpoint)
     eps_text, eps_value = _parse_eps(o.eps, variant.eps if variant else THREAT_TABLE[threat].default_eps)
 
     evaldata = data_mod.load(o.dataset, o.n_ex, o.data, o.data_dir)
+    check_eps_range(eps_value, norm, int(np.prod(evaldata.x.shape[1:])), bool(o.allow_large_eps))
     shard_bounds(len(evaldata), shard[1])  # refuses more shards than examples before loading the model
     model, label, kind, ckpt, reported = _load_model(model_or_name, variant, o.dataset, threat, o.checkpoint,
                                                      o.model_label)

@@ -169,6 +169,8 @@ class RunRecord:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise RecordError(f"{path}: cannot read result record ({exc})") from None
+        except RecursionError:   # e.g. [[[[...]]]] thousands deep: no record is shaped like that
+            raise RecordError(f"{path}: cannot read result record (JSON nested too deeply)") from None
         return cls.from_dict(data, origin=str(path))
 
     def relative_path(self) -> Path:

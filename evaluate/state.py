@@ -190,6 +190,28 @@ class ShardState:
                         clean_seconds=meta["clean_seconds"], stage_seconds=list(meta["stage_seconds"]),
                         forward_images=list(meta["forward_images"]), backward_images=list(meta["backward_images"]),
                         rejected=list(meta["rejected"]))
-        except (KeyError, ValueError, IndexError) as exc:
+        except (KeyError, ValueError, IndexError, TypeError) as exc:
             raise RunStateError(f"run state {path} is malformed ({type(exc).__name__}: {exc})", hint=fix) from None
+        problem = state.inconsistency()
+        if problem:
+            raise RunStateError(f"run state {path} is malformed ({problem})", hint=fix)
         return state
+
+    def inconsistency(self) -> str | None:
+        """What makes this state impossible (a hand-edited or foreign file), or None."""
+        n = len(self.positions)
+        if not isinstance(self.n_stages, int) or self.n_stages < 0:
+            return f"n_stages = {self.n_stages!r}"
+        if not isinstance(self.stage, int) or not CLEAN_STAGE <= self.stage <= self.n_stages:
+            return f"stage = {self.stage!r}, outside {CLEAN_STAGE}..{self.n_stages}"
+        if not isinstance(self.batches_done, int) or self.batches_done < 0:
+            return f"batches_done = {self.batches_done!r}"
+        per_stage = ("stage_seconds", "forward_images", "backward_images", "rejected")
+        if any(len(getattr(self, name)) != self.n_stages for name in per_stage):
+            return "per-stage lists do not have one entry per stage"
+        per_example = ("clean_pred", "clean_correct", "robust", "broken_by", "adv_pred", "stage_start_robust")
+        if any(getattr(self, name).shape != (n,) for name in per_example):
+            return "per-example arrays do not have one entry per example"
+        if len(self.broken_by) and (self.broken_by.min() < -1 or self.broken_by.max() >= self.n_stages):
+            return "broken_by names a stage that does not exist"
+        return None

@@ -65,7 +65,7 @@ def test_saved_invocation_rebuilds_every_saved_option():
     changed = RunOptions(dataset="cifar100", threat="l2", eps="0.25", n_ex=7, data="/d.npz", data_dir="/dd",
                          version="custom", attacks=("apgd-ce", "square"), seed=3, batch_size=5, device="cuda",
                          precision="tf32", engine="native", results_dir="/r", checkpoint="/c.pt",
-                         model_label="m", channels_last=False, torch_compile="default")
+                         model_label="m", channels_last=False, torch_compile="default", allow_large_eps=True)
     saved = {name for name, f in FIELDS.items() if f.metadata["saved"]}
     differs = {name for name in FIELDS if getattr(changed, name) != getattr(RunOptions(), name)}
     assert saved <= differs, f"give these saved options a non-default value here: {sorted(saved - differs)}"
@@ -92,7 +92,7 @@ def test_hashed_options_change_the_configuration_and_the_others_do_not(base):
     for name, value in changes.items():
         assert prepare(model, dataclasses.replace(options, **changes_for(name, value))).config_hash \
             != reference.config_hash, name
-    same = {"data_dir": str(tmp_path / "elsewhere"), "results_dir": str(tmp_path / "r2"),
+    same = {"data_dir": str(tmp_path / "elsewhere"), "results_dir": str(tmp_path / "r2"), "allow_large_eps": True,
             "run_dir": str(tmp_path / "run"), "chunk_batches": 9, "progress": True}
     assert set(same) == {n for n, f in FIELDS.items() if f.metadata["hashed"] == opt.NOT_HASHED}
     for name, value in same.items():

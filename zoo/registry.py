@@ -221,8 +221,16 @@ def registry_path() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _load(path: str) -> dict[str, ModelInfo]:
-    with open(path, encoding="utf-8") as fh:
-        return parse_registry(yaml.safe_load(fh))
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:   # its text names the line and column
+        raise RegistryError(f"{path} is not valid YAML: {' '.join(str(exc).split())}",
+                            hint=f"fix the file, or unset {constants.REGISTRY_ENV} to use the packaged registry") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"cannot read the registry {path} ({exc})",
+                            hint=f"fix the path, or unset {constants.REGISTRY_ENV}") from None
+    return parse_registry(data)
 
 
 def load_registry(path: str | Path | None = None) -> dict[str, ModelInfo]:
