@@ -100,13 +100,14 @@ def _merge_parser() -> argparse.ArgumentParser:
 
 
 def _summary(record) -> str:
+    def row(name: str, acc, extra: str = "") -> str:
+        lo, hi = acc.interval
+        return f"  {name:<10} {acc.percent:6.2f}%  ({acc.correct}/{acc.total}, 95% CI {lo:.2f}-{hi:.2f}){extra}"
+
     lines = [f"{record.model}  {record.dataset} {record.threat} eps={record.eps}  {record.version}  "
-             f"n={record.n_ex}  seed={record.seed}  batch={record.batch_size}",
-             f"  {'clean':<10} {record.clean.percent:6.2f}%  ({record.clean.correct}/{record.clean.total})"]
-    for s in record.stages:
-        lines.append(f"  {s.attack:<10} {s.robust.percent:6.2f}%  ({s.robust.correct}/{s.robust.total})  "
-                     f"{s.seconds:.1f} s")
-    lines.append(f"  {'robust':<10} {record.robust.percent:6.2f}%")
+             f"n={record.n_ex}  seed={record.seed}  batch={record.batch_size}", row("clean", record.clean)]
+    lines += [row(s.attack, s.robust, f"  {s.seconds:.1f} s") for s in record.stages]
+    lines.append(row("robust", record.robust))
     return "\n".join(lines)
 
 

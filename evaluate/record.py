@@ -20,6 +20,8 @@ import numpy as np
 from zoo.errors import BadInputError, RecordError
 from zoo.fileio import atomic_write_bytes, atomic_write_text
 
+from .stats import clopper_pearson
+
 SCHEMA_VERSION = 1
 
 
@@ -37,8 +39,18 @@ class Accuracy:
     def percent(self) -> float:
         return percent(self.correct, self.total)
 
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The exact 95% (Clopper-Pearson) interval in percent, 2 decimals; None without examples."""
+        if not self.total:
+            return None
+        lo, hi = clopper_pearson(self.correct, self.total)
+        return round(100 * lo, 2), round(100 * hi, 2)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"correct": self.correct, "total": self.total, "percent": self.percent}
+        interval = self.interval
+        return {"correct": self.correct, "total": self.total, "percent": self.percent,
+                "interval95": None if interval is None else list(interval)}
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ def _fails(env, capsys, argv, *needles):
 def test_successful_run_writes_record_and_summary(env, capsys):
     assert cli.main(env.base) == 0
     out = capsys.readouterr().out
-    assert "clean      100.00%  (6/6)" in out and "apgd-ce" in out
+    assert "clean      100.00%  (6/6, 95% CI 54.07-100.00)" in out and "apgd-ce" in out
     records = list(env.results.rglob("*.json"))
     assert len(records) == 1 and records[0].parent.parts[-3:] == ("custom", "linf", h.TINY_REGISTRY_MODEL)
     assert records[0].with_suffix(".npz").exists()

@@ -169,6 +169,6 @@ def test_cli_shards_then_merge_for_a_registry_model(tmp_path, monkeypatch, capsy
     assert "3 of 6 examples are in no finished shard" in capsys.readouterr().err
     assert cli.main(base + ["--shard", "0/2"]) == 0
     out = capsys.readouterr().out
-    assert "clean      100.00%  (6/6)" in out and "record:" in out
+    assert "clean      100.00%  (6/6, 95% CI" in out and "record:" in out
     assert cli.main(["merge", str(tmp_path / "run")]) == 0
     assert capsys.readouterr().out.splitlines()[:4] == out.splitlines()[:4]
