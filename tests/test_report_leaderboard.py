@@ -159,10 +159,31 @@ def test_uniform_subset_is_labelled(tmp_path):
 
 
 def test_markdown_escapes_pipes_and_latex_escapes_specials():
-    text = lb.markdown_table(["a"], "l", [["x|y"]])
-    assert "x\\|y" in text
-    assert lb.latex_escape("50% of A_b & #1 {x} ~ ^ \\") == (
+    import pandas as pd
+
+    from zoo.evaluate.report import tables
+
+    frame = pd.DataFrame({"a|b": ["x|y"], "c": ["50% of A_b & #1 {x} † — Δ"]})
+    assert "x\\|y" in tables.markdown(frame, "lr") and "a\\|b" in tables.markdown(frame, "lr")
+    tex = tables.latex(frame, "lr")
+    assert r"50\% of A\_b \& \#1 \{x\} $^\dagger$ --- $\Delta$" in tex and "a|b & c" in tex
+    assert tables.latex_escape("50% of A_b & #1 {x} ~ ^ \\") == (
         r"50\% of A\_b \& \#1 \{x\} \textasciitilde{} \textasciicircum{} \textbackslash{}")
+    with pytest.raises(ValueError, match="alignment"):
+        tables.markdown(frame, "l")
+
+
+def test_frame_is_typed_for_notebooks(results):
+    board = lb.build_leaderboard("cifar10", "linf", eps=8 / 255, results_dir=results, model_info_dir=PUBLISHED_ROOT)
+    frame = board.to_frame()
+    assert list(frame.columns) == list(lb.FRAME_COLUMNS)
+    assert frame["rank"].tolist() == list(range(1, 8))
+    assert frame["robust_acc"].tolist() == [e.robust for e in board.entries]
+    assert str(frame["n_ex"].dtype) == "Int64" and frame["n_ex"].tolist()[:3] == [10000, 10000, 1000]
+    assert frame["ours"].dtype == bool and frame.loc[frame.ours, "model_id"].tolist() == [
+        "score-wrn-70-16", "score-wrn-28-10", "my-net"]
+    assert frame.sort_values("clean_acc", ascending=False)["model_id"].iloc[0] == "Standard"
+    assert frame.loc[frame.model_id == "my-net", "paper"].isna().all()
 
 
 # ---------------------------------------------------------------- CLI
@@ -191,7 +212,7 @@ def test_cli_model_info_only(tmp_path, capsys, monkeypatch):
     assert main(["leaderboard", "--model-info", str(PUBLISHED_ROOT), "--eps", "8/255"]) == 0
     captured = capsys.readouterr()
     assert "ranking the model_info entries only" in captured.err
-    assert "| **1** | **Wang2023Better_WRN-70-16** |" in captured.out
+    assert "| **1** | **Wang2023Better_WRN-70-16** " in captured.out
 
 
 @pytest.mark.parametrize("argv, message", [

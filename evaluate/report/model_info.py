@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from zoo.errors import BadInputError
-from zoo.domain import parse_eps
+from zoo.domain import DATASET_TABLE, THREAT_TABLE, parse_eps
 from zoo.registry import ModelInfo, Source, info
 
 from ..record import RunRecord
 
 #: Size of the full test split RobustBench evaluates on; fewer points make a partial run.
-FULL_TEST_SET = {"cifar10": 10000, "cifar100": 10000}
+FULL_TEST_SET = {d.name: d.test_size for d in DATASET_TABLE.values()}
 
 #: RobustBench's spelling of our threat names (its folder names and ThreatModel values).
-ROBUSTBENCH_THREAT = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+ROBUSTBENCH_THREAT = {t.name: t.robustbench for t in THREAT_TABLE.values()}
 
 #: The keys of a curated model_info file, in RobustBench's order.
 MODEL_INFO_KEYS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",

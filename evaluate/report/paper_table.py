@@ -3,6 +3,16 @@
 Reported numbers come from the registry (the authors' / RobustBench's figures); reproduced ones from the
 latest finished AutoAttack-standard record per row. Missing rows and subset runs are labelled, so a
 half-done reproduction can never pass for a full one.
+
+In Python the table is a pandas DataFrame::
+
+    from zoo.evaluate.report.paper_table import build_paper_table
+    frame = build_paper_table("results").to_frame()
+    # dataset, model, threat, eps, clean_reported, clean_ours, clean_delta, robust_reported, robust_ours,
+    # robust_delta (floats in %, NA where not reproduced yet), n_ex (nullable int), status, run_id
+    frame[frame.robust_delta.abs() > 0.5]
+
+``to_markdown`` / ``to_latex`` render it through :mod:`.tables` (pandas' ``to_markdown`` and Styler ``to_latex``).
 """
 
 from __future__ import annotations
@@ -11,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import pandas as pd
 from zoo.registry import info
 
-from .leaderboard import DATASET_LABEL, latest_runs, latex_table, load_records, markdown_table
+from . import tables
+from .leaderboard import DATASET_LABEL, latest_runs, load_records
 from .model_info import FULL_TEST_SET, format_eps, is_partial
 from ..record import RunRecord
 
@@ -70,6 +82,10 @@ class PaperTable:
                              f"n={r.n_ex}, {r.created}.")
         return notes
 
+    def to_frame(self) -> pd.DataFrame:
+        """One row per evaluation of the paper (columns: ``FRAME_COLUMNS``), in the paper's order."""
+        return _frame(self)
+
 
 def build_paper_table(results_dir: str | Path | None) -> PaperTable:
     loaded = load_records(results_dir) if results_dir is not None else None
@@ -82,35 +98,51 @@ def build_paper_table(results_dir: str | Path | None) -> PaperTable:
     return PaperTable(rows=rows, warnings=loaded.warnings if loaded else [])
 
 
+#: The columns of ``PaperTable.to_frame()``: accuracies in %, NA where a row is not reproduced yet.
+FRAME_COLUMNS = ("dataset", "model", "threat", "eps", "clean_reported", "clean_ours", "clean_delta",
+                 "robust_reported", "robust_ours", "robust_delta", "n_ex", "status", "run_id")
+
 HEADERS = ["Dataset", "Model", "eps", "Clean (paper)", "Clean (ours)", "Δ clean", "AA (paper)", "AA (ours)",
            "Δ AA", "n", "Status"]
+ALIGNS = "llcrrrrrrrl"
+TITLE = "SCORE (ICML 2022): reported vs reproduced"
 
 
-def _cells(row: PaperRow, dash: str) -> list[str]:
-    ev, r = row.evaluation, row.record
+def _frame(table: PaperTable) -> pd.DataFrame:
+    rows = []
+    for row in table.rows:
+        ev, r = row.evaluation, row.record
+        clean, robust = (r.clean.percent, r.robust.percent) if r else (None, None)
+        eps = format_eps(info(ev.model).variant(ev.dataset, ev.threat).eps_value, ev.threat)
+        rows.append((ev.dataset, ev.model, ev.threat, eps,
+                     row.reported_clean, clean, None if clean is None else clean - row.reported_clean,
+                     row.reported_robust, robust, None if robust is None else robust - row.reported_robust,
+                     r.n_ex if r else None, row.status, r.run_id if r else None))
+    frame = pd.DataFrame.from_records(rows, columns=list(FRAME_COLUMNS))
+    return frame.astype({c: "float64" for c in FRAME_COLUMNS[4:10]} | {"n_ex": "Int64"})
 
-    def measured(ours: float | None, reported: float) -> list[str]:
-        if ours is None:
-            return [f"{reported:.2f}", dash, dash]
-        return [f"{reported:.2f}", f"{ours:.2f}", f"{ours - reported:+.2f}"]
 
-    eps = format_eps(info(ev.model).variant(ev.dataset, ev.threat).eps_value, ev.threat)
-    return [DATASET_LABEL[ev.dataset], ev.model, eps,
-            *measured(r.clean.percent if r else None, row.reported_clean),
-            *measured(r.robust.percent if r else None, row.reported_robust),
-            str(r.n_ex) if r else dash, row.status]
+def _display(table: PaperTable) -> pd.DataFrame:
+    """The frame as printed: two decimals, signed differences, ``—`` for what is not measured yet."""
+    frame = table.to_frame()
+
+    def number(fmt: str):
+        return lambda v: "—" if pd.isna(v) else format(v, fmt)
+
+    columns = [frame["dataset"].map(lambda d: DATASET_LABEL.get(d, d)), frame["model"], frame["eps"]]
+    for kind in ("clean", "robust"):
+        columns += [frame[f"{kind}_reported"].map(number(".2f")), frame[f"{kind}_ours"].map(number(".2f")),
+                    frame[f"{kind}_delta"].map(number("+.2f"))]
+    columns += [frame["n_ex"].map(number("d")), frame["status"]]
+    return pd.DataFrame(dict(zip(HEADERS, (c.tolist() for c in columns))), columns=HEADERS)
 
 
 def to_markdown(table: PaperTable) -> str:
-    rows = [_cells(row, "—") for row in table.rows]
-    return "### SCORE (ICML 2022): reported vs reproduced\n\n" + markdown_table(
-        HEADERS, "llcrrrrrrrl", rows, table.notes)
+    return tables.markdown(_display(table), ALIGNS, table.notes, title=TITLE)
 
 
 def to_latex(table: PaperTable) -> str:
-    rows = [_cells(row, "—") for row in table.rows]
-    return latex_table(HEADERS, "llcrrrrrrrl", rows, table.notes,
-                       caption="SCORE (ICML 2022): reported vs reproduced")
+    return tables.latex(_display(table), ALIGNS, table.notes, caption=TITLE)
 
 
 RENDERERS = {"md": to_markdown, "latex": to_latex}
