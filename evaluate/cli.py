@@ -21,7 +21,7 @@ from typing import Any
 
 from zoo.errors import BadInputError, ZooError, run_cli
 
-from . import runner
+from . import model_source, runner
 from .options import RunOptions
 
 log = logging.getLogger("zoo.evaluate")
@@ -32,7 +32,11 @@ def _run_parser() -> argparse.ArgumentParser:
         prog="zoo-eval", description="Faithful, resumable AutoAttack evaluation (same results as pyautoattack's "
                                      "run_standard_evaluation with the same seed and batch size).",
         epilog="Other command: `zoo-eval merge RUN_DIR` joins finished shards.")
-    p.add_argument("--model", help="registry name (or RobustBench id) of the model")
+    p.add_argument("--model", help="registry name (or RobustBench id) of the model; robustbench:ID for any model of "
+                                   "RobustBench's zoo")
+    p.add_argument("--model-factory", metavar="MODULE:FUNCTION",
+                   help="your own network: a callable returning an nn.Module on [0, 1] NCHW images (weights from "
+                        "--checkpoint, loaded strictly, when given)")
     p.add_argument("--suite", choices=["paper"], default=None,
                    help="run (or resume) every evaluation of the SCORE paper's table, one after another")
     _add_option_flags(p)
@@ -70,7 +74,9 @@ def _add_option_flags(p: argparse.ArgumentParser) -> None:
 def _options_from_args(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """(model, RunOptions overrides) for a run, from the flags given, on top of a resumed run's saved ones."""
     given = {k: getattr(args, k) for k in RunOptions.names() if getattr(args, k, None) is not None}
-    model = args.model
+    if args.model and args.model_factory:
+        raise BadInputError("--model and --model-factory both name the network", hint="pass one of them")
+    model = args.model or (model_source.FACTORY + args.model_factory if args.model_factory else None)
     if args.resume:
         inv = runner.invocation_of(args.resume)
         if inv["model_kind"] == "module":
@@ -172,8 +178,8 @@ def _run_suite(args: argparse.Namespace) -> int:
     """Each paper-table evaluation in turn; re-running the command resumes where it stopped."""
     from .report.paper_table import paper_suite
 
-    clashing = [f"--{name.replace('_', '-')}" for name in ("model", "dataset", "threat", "eps", "resume",
-                                                          "run_dir", "shard", "model_label")
+    clashing = [f"--{name.replace('_', '-')}" for name in ("model", "model_factory", "dataset", "threat", "eps",
+                                                          "resume", "run_dir", "shard", "model_label")
                 if getattr(args, name) is not None]
     if clashing:
         raise BadInputError(f"--suite paper picks the models, datasets and eps itself; drop {', '.join(clashing)}")

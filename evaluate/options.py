@@ -74,6 +74,9 @@ class RunOptions:
                                       hashed=DERIVED)
     data_dir: str | Path | None = _option(None, "where CIFAR is read from or downloaded to (default: in the "
                                                 "score-zoo cache)", hashed=NOT_HASHED)
+    data_root: str | Path | None = _option(None, "an existing torchvision CIFAR folder (a local copy; checked "
+                                                 "against the published md5 sums, never downloaded)",
+                                           hashed=DERIVED, metavar="DIR")
     version: str = _option("standard", "AutoAttack version (custom when --attacks is given)", hashed=VALUE,
                            choices=_versions)
     attacks: tuple[str, ...] | None = _option(None, "comma-separated attacks, with --version custom "

@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 import zoo
-from zoo import constants, registry
+from zoo import constants, registry, robustbench_compat
 from zoo.domain import NORMS, PRECISIONS, THREAT_TABLE, THREATS, parse_eps
 from zoo.errors import BadInputError, UnknownModelError, ZooError
 
 from . import data as data_mod
+from . import model_source
 from .attacks.compiled import COMPILE_MODES
 from .attacks.engine import KNOWN_ATTACKS, VERSIONS, AttackView, Engine, engine_class, make_engine
 from .options import RunOptions, hashed_values
@@ -52,7 +53,7 @@ class Setup:
     opts: RunOptions
     model: nn.Module
     label: str
-    model_kind: str                  # registry | module
+    model_kind: str                  # registry | robustbench | factory | module (see model_source)
     checkpoint: dict[str, Any]
     data: data_mod.EvalData
     num_classes: int
@@ -218,10 +219,20 @@ def _registry_variant(model_or_name: Any, model_dataset: str, threat: str,
                             hint="pass the path of a downloaded .pt/.pth/.safetensors file")
     if not isinstance(model_or_name, str):
         return None
+    kind = model_source.kind_of(model_or_name)
+    if kind == "robustbench" and checkpoint is not None:
+        raise BadInputError("--checkpoint cannot replace a RobustBench model's weights",
+                            hint="use --model-factory with --checkpoint for your own architecture and weights")
+    if kind == "robustbench" and not robustbench_compat.is_robustbench_name(
+            model_source.default_label(model_or_name), model_dataset, threat):
+        raise UnknownModelError(f"RobustBench lists no {model_dataset} {threat} model "
+                                f"{model_source.default_label(model_or_name)!r} (or RobustBench is not installed)",
+                                hint="pip install 'score-zoo[robustbench]'; ids as on robustbench.github.io")
+    if kind != "registry":
+        return None
     try:
         return registry.info(model_or_name).variant(model_dataset, threat)
     except UnknownModelError:
-        from zoo import robustbench_compat
         if checkpoint is not None or not robustbench_compat.is_robustbench_name(model_or_name, model_dataset, threat):
             raise
     return None
@@ -230,13 +241,21 @@ def _registry_variant(model_or_name: Any, model_dataset: str, threat: str,
 def _load_model(model_or_name: Any, variant: registry.Variant | None, model_dataset: str, threat: str,
                 checkpoint: str | Path | None, model_label: str | None
                 ) -> tuple[nn.Module, str, str, dict[str, Any], dict[str, float]]:
-    """(module, label, kind, checkpoint info, reported accuracies) for a registry name or a module."""
+    """(module, label, kind, checkpoint info, reported accuracies) for a model string (see model_source)
+    or a module."""
     reported: dict[str, float] = dict(variant.reported) if variant else {}
     if isinstance(model_or_name, str):
         name = model_or_name
-        label = registry.resolve_name(name) if variant else name  # RobustBench names keep their own
-        model = zoo.load(name, dataset=model_dataset, threat=threat, checkpoint=checkpoint)
-        kind = "registry"
+        kind = model_source.kind_of(name)
+        if kind == "factory":
+            model = model_source.build_factory(name, checkpoint)
+            label = model_source.default_label(name)
+        elif kind == "robustbench":
+            label = model_source.default_label(name)
+            model = robustbench_compat.load(label, model_dataset, threat)
+        else:
+            label = registry.resolve_name(name) if variant else name  # RobustBench names keep their own
+            model = zoo.load(name, dataset=model_dataset, threat=threat, checkpoint=checkpoint)
     elif isinstance(model_or_name, nn.Module):
         model = model_or_name
         label = model_label or type(model).__name__
@@ -250,7 +269,12 @@ def _load_model(model_or_name: Any, variant: registry.Variant | None, model_data
     elif checkpoint is not None:
         from zoo.fetch import fetch_local
         f = fetch_local(checkpoint)
-        info = {"source": f.source, "sha256": f.sha256, "path": str(f.path)}
+        info = {"source": f.source if kind != "factory" else f"{model_source.factory_source(model_or_name)} + "
+                f"{f.source}", "sha256": f.sha256, "path": str(f.path)}
+    elif kind == "factory":
+        info = {"source": model_source.factory_source(model_or_name), "sha256": None, "path": None}
+    elif kind == "robustbench":
+        info = {"source": f"RobustBench model zoo ({label})", "sha256": None, "path": None}
     else:
         info = {"source": "in-memory module", "sha256": None, "path": None}
     info["weights_sha256"] = _weights_sha256(model)
@@ -369,7 +393,7 @@ def prepare(model_or_name: Any, options: RunOptions) -> Setup:
     variant = _registry_variant(model_or_name, o.dataset, threat, o.checkpoint)
     eps_text, eps_value = _parse_eps(o.eps, variant.eps if variant else THREAT_TABLE[threat].default_eps)
 
-    evaldata = data_mod.load(o.dataset, o.n_ex, o.data, o.data_dir)
+    evaldata = data_mod.load(o.dataset, o.n_ex, o.data, o.data_dir, o.data_root)
     check_eps_range(eps_value, norm, int(np.prod(evaldata.x.shape[1:])), bool(o.allow_large_eps))
     shard_bounds(len(evaldata), shard[1])  # refuses more shards than examples before loading the model
     model, label, kind, ckpt, reported = _load_model(model_or_name, variant, o.dataset, threat, o.checkpoint,
@@ -383,6 +407,7 @@ def prepare(model_or_name: Any, options: RunOptions) -> Setup:
         model, tuple(evaldata.x.shape[1:]), dev, len(evaldata), o.precision)
     resolved = dataclasses.replace(
         o, threat=threat, eps=eps_text, n_ex=len(evaldata), data=_absolute(o.data), data_dir=_absolute(o.data_dir),
+        data_root=_absolute(o.data_root),
         attacks=attack_list if o.version == "custom" else None, seed=int(o.seed), batch_size=batch_size,
         device=dev.type, results_dir=_absolute(results_dir), checkpoint=_absolute(o.checkpoint),
         channels_last=channels_last, chunk_batches=int(o.chunk_batches),

@@ -16,7 +16,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(RunOptions)}
 
 # Where each option that the hash covers through what it selects shows up in the configuration.
 DERIVED_KEYS = {"dataset": "dataset", "eps": "eps", "n_ex": "indices", "data": "data_sha256",
-                "checkpoint": "checkpoint_sha256", "shard": "shards", "model_label": "model"}
+                "data_root": "data_sha256", "checkpoint": "checkpoint_sha256", "shard": "shards", "model_label": "model"}
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_the_cli_has_a_flag_for_every_option_and_defaults_to_none():
 
 def test_saved_invocation_rebuilds_every_saved_option():
     changed = RunOptions(dataset="cifar100", threat="l2", eps="0.25", n_ex=7, data="/d.npz", data_dir="/dd",
-                         version="custom", attacks=("apgd-ce", "square"), seed=3, batch_size=5, device="cuda",
+                         data_root="/dr", version="custom", attacks=("apgd-ce", "square"), seed=3, batch_size=5, device="cuda",
                          precision="tf32", engine="native", results_dir="/r", checkpoint="/c.pt",
                          model_label="m", channels_last=False, torch_compile="default", allow_large_eps=True)
     saved = {name for name, f in FIELDS.items() if f.metadata["saved"]}
@@ -92,13 +92,15 @@ def test_hashed_options_change_the_configuration_and_the_others_do_not(base):
     for name, value in changes.items():
         assert prepare(model, dataclasses.replace(options, **changes_for(name, value))).config_hash \
             != reference.config_hash, name
-    same = {"data_dir": str(tmp_path / "elsewhere"), "results_dir": str(tmp_path / "r2"), "allow_large_eps": True,
+    same = {"results_dir": str(tmp_path / "r2"), "allow_large_eps": True,
             "run_dir": str(tmp_path / "run"), "chunk_batches": 9, "progress": True}
-    assert set(same) == {n for n, f in FIELDS.items() if f.metadata["hashed"] == opt.NOT_HASHED}
+    assert set(same) | {"data_dir"} == {n for n, f in FIELDS.items() if f.metadata["hashed"] == opt.NOT_HASHED}
     for name, value in same.items():
         assert prepare(model, dataclasses.replace(options, **{name: value})).config_hash == reference.config_hash, name
-    # not varied above: dataset and checkpoint need CIFAR or a registry model; precision and device a GPU
-    assert set(FIELDS) - set(changes) - set(same) == {"dataset", "checkpoint", "precision", "device"}
+    # not varied above: dataset, data_dir, data_root and checkpoint need CIFAR or a registry model; precision and
+    # device a GPU
+    assert set(FIELDS) - set(changes) - set(same) == {"dataset", "data_dir", "data_root", "checkpoint", "precision",
+                                                      "device"}
 
 
 def changes_for(name, value):
