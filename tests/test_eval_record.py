@@ -201,7 +201,7 @@ def test_progress_bar_on_a_terminal_and_log_lines_otherwise(monkeypatch, caplog)
     ("clean", {"correct": 5}, "malformed record"),
 ])
 def test_record_schema_rejects_wrong_types(field, value, message):
-    from test_report_support import make_record
+    from tests.support.reports import make_record
     from zoo.errors import BadInputError
     from zoo.evaluate.record import RunRecord
 
@@ -217,7 +217,7 @@ def test_record_schema_rejects_wrong_types(field, value, message):
     (lambda d: d["robust"].update(correct=d["robust"]["correct"] - 1), "last stage's robust count differs"),
 ])
 def test_record_with_inconsistent_stage_counts_is_refused(mutate, message):
-    from test_report_support import make_record
+    from tests.support.reports import make_record
     from zoo.errors import BadInputError
     from zoo.evaluate.record import RunRecord
 
