@@ -14,8 +14,8 @@ One process, one model, the same real CIFAR-10 images and seed for every run:
 Timed: the whole call (for ours: data, model checks, cost estimate, attacks, fp32 re-check, record).
 Records go to a temporary folder, never the repository's results/.
 
-    python bench/bench_eval_cpu.py                       # CNN-A-Adv, eps 2/255, first 100 test images
-    python bench/bench_eval_cpu.py --large-batch-size 250    # also ours at zoo-eval's default batch size
+    python -m bench.bench_eval_cpu                       # CNN-A-Adv, eps 2/255, first 100 test images
+    python -m bench.bench_eval_cpu --large-batch-size 250    # also ours at zoo-eval's default batch size
 """
 
 from __future__ import annotations
@@ -33,22 +33,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from bench_native_cpu import cpu_name  # noqa: E402  (same folder)
-from test_native_support import CIFAR, CNN_A, cnn_a, margins, trained_cnn  # noqa: E402
-
-import zoo.evaluate  # noqa: E402
-from zoo.evaluate.data import load_file  # noqa: E402
-from zoo.evaluate.options import DEFAULT_BATCH_SIZE  # noqa: E402
-from zoo.evaluate.record import PerExample, per_example_path  # noqa: E402
-from zoo.domain import parse_eps  # noqa: E402
+import zoo.evaluate
+from bench.bench_native_cpu import cpu_name
+from tests.support.native import CIFAR, CNN_A, cnn_a, margins, trained_cnn
+from zoo.domain import parse_eps
+from zoo.evaluate.data import load_file
+from zoo.evaluate.options import DEFAULT_BATCH_SIZE
+from zoo.evaluate.record import PerExample, per_example_path
 
 ROBUSTBENCH_BATCH_SIZE = 32   # robustbench.eval.benchmark(batch_size=32) in robustbench 1.1.1
 BASELINE_STAGES = {"apgd": "apgd-ce", "apgd_targeted": "apgd-t", "fab": "fab-t", "square": "square"}
 MODELS = {"cnn-a": "CNN-A-Adv (../shared/models, PGD-trained at 2/255)",
-          "small-cnn": "small CNN trained for seconds on test images 400-999 (tests/test_native_support)"}
+          "small-cnn": "small CNN trained for seconds on test images 400-999 (tests/support/native.py)"}
 
 
 def build(name: str) -> torch.nn.Module:
@@ -175,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['label']:<22} {r['engine']:<22} {r['batch_size']:>4} {r['wall']:>8.1f} "
               f"{base['wall'] / r['wall']:>8.2f}x {100 * r['clean'].mean():>8.2f} {100 * r['robust'].mean():>9.2f}  "
               f"{diff:>12.3g}  {verdict}")
-    print(f"\nseconds per stage (baseline: inside perturb; ours: the runner's stage time)")
+    print("\nseconds per stage (baseline: inside perturb; ours: the runner's stage time)")
     print(f"{'run':<22} " + " ".join(f"{s:>8}" for s in stages))
     for r in runs:
         print(f"{r['label']:<22} " + " ".join(f"{r['stages'].get(s, 0.0):>8.1f}" for s in stages))

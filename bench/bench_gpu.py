@@ -18,8 +18,8 @@ iteration actually run, so each run's fixed costs (start, final checks) are spre
 in a full run and the projections err on the slow side. Stages are chained like AutoAttack: the points the
 first row of a stage (the reference) leaves robust enter the next stage, for every row alike.
 
-    python bench/bench_gpu.py                 # on a GPU; see bench/gpu_check.sh and bench/README.md
-    python bench/bench_gpu.py --smoke         # tiny sizes, runs anywhere (CPU) in well under a minute
+    python -m bench.bench_gpu                 # on a GPU; see bench/gpu_check.sh and bench/README.md
+    python -m bench.bench_gpu --smoke         # tiny sizes, runs anywhere (CPU) in well under a minute
 """
 
 from __future__ import annotations
@@ -177,8 +177,7 @@ def build_wrn(depth: int, width: int, x: torch.Tensor, device: torch.device) -> 
 
 
 def load_images(n: int, device: torch.device) -> tuple[torch.Tensor, str]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_native_support import CIFAR, images   # real CIFAR-10 when ../shared exists, else synthetic
+    from tests.support.native import CIFAR, images   # real CIFAR-10 when ../shared exists, else synthetic
 
     have = 1000 if CIFAR.is_file() else n
     x, _ = images(min(n, have))
@@ -240,7 +239,8 @@ def make_engine(variant: Variant, model: nn.Module, eps: float, device: torch.de
     if variant.engine == "native-compiled":   # compiled here (outside the timed stage), as the runner does
         model = compiled_for_attacks(model, compile_mode, (3, 32, 32), device,
                                      torch.bfloat16 if variant.precision == "bf16" else None)
-    if variant.engine in ("native", "native-compiled"):   # tf32 is a global switch, not an engine precision (as in zoo-eval)
+    # tf32 is a global switch, not an engine precision (as in zoo-eval)
+    if variant.engine in ("native", "native-compiled"):
         engine = NativeEngine(model, norm="Linf", eps=eps, seed=0, device=device,
                               precision="bf16" if variant.precision == "bf16" else "fp32")
     else:
@@ -390,7 +390,8 @@ def measure(run: ModelRun, model: nn.Module, rb_model: nn.Module | None, stage: 
         started = time.perf_counter()
         engines[variant] = make_engine(kind, target, run.eps, device, run.sizes, run.compile_mode)
         if variant.engine == "native-compiled":
-            log(f"  torch.compile (mode {run.compile_mode}) took {time.perf_counter() - started:.0f} s (not in the rows)")
+            took = time.perf_counter() - started
+            log(f"  torch.compile (mode {run.compile_mode}) took {took:.0f} s (not in the rows)")
     engine = engines[variant]
     run.cut = run.cut or engine.autoattack
     aa = engine.autoattack

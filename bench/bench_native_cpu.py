@@ -6,8 +6,8 @@ each time); the native engine gets all the batches of a stage at once (merged-ba
 --max-device-batch). Each side keeps its own robust flags; the table says whether they agree after each
 stage (any disagreement is listed with the point's margin).
 
-    python bench/bench_native_cpu.py                                  # CNN-A-Adv, 96 images, CPU
-    python bench/bench_native_cpu.py --device cuda --model wrn-28-10 --precision bf16 --n 1000 --batch-size 250
+    python -m bench.bench_native_cpu                                  # CNN-A-Adv, 96 images, CPU
+    python -m bench.bench_native_cpu --device cuda --model wrn-28-10 --precision bf16 --n 1000 --batch-size 250
 
 Models: cnn-a (CNN-A-Adv at 2/255, from ../shared/models) or wrn-28-10 (random weights, 10 classes; its
 own predictions serve as labels so every point is attacked). Prints results; records nothing.
@@ -21,16 +21,11 @@ import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from test_native_support import CIFAR, CNN_A, cnn_a, images, margins  # noqa: E402  (model, data, margins)
-
-from zoo.evaluate.attacks.native.engine import NativeEngine, NativeOptions  # noqa: E402
+from tests.support.native import CIFAR, CNN_A, cnn_a, images, margins  # model, data, margins
+from zoo.evaluate.attacks.native.engine import NativeEngine, NativeOptions
 
 
 def cpu_name() -> str:
@@ -136,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
           f"threads {torch.get_num_threads()}")
     print(f"# model {args.model}  norm {args.norm}  eps {args.eps:.5f}  n {args.n}  B {args.batch_size}  "
           f"precision {args.precision}  square queries {args.square_queries}  clean {int(clean.sum())}/{args.n}")
-    print(f"{'attack':8} {'reference s':>12} {'native s':>9} {'speed-up':>9} {'robust ref':>11} {'robust nat':>11}  flags")
+    print(f"{'attack':8} {'reference s':>12} {'native s':>9} {'speed-up':>9} {'robust ref':>11} "
+          f"{'robust nat':>11}  flags")
     totals = {"reference": 0.0, "native": 0.0}
     for attack in args.attacks.split(","):
         secs = {}

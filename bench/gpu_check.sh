@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check in one call: install the carried wheels if pyautoattack is missing, run the CUDA-only tests
-# (skipped everywhere else), then bench/bench_gpu.py in the time that is left.
+# (skipped everywhere else), then bench/bench_gpu.py (as `python -m bench.bench_gpu`) in the time that is left.
 #
 #   bash bench/gpu_check.sh                 # on the GPU machine (see bench/README.md for the run call)
 #   bash bench/gpu_check.sh --smoke         # anywhere: tiny sizes on the CPU, skips the install when it can
@@ -46,9 +46,11 @@ if [ "${GPU_CHECK_TESTS:-1}" != 0 ] && "$PY" -c "import torch, pytest, yaml; ass
     if "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
             --target /tmp/zoo-site . >/tmp/zoo-install.log 2>&1; then
         echo "# CUDA-only tests (tests/test_eval_devices.py -k gpu), at most ${TEST_LIMIT} s"
-        # from /tmp: `python -m pytest` puts its working directory first on sys.path, and ./zoo lacks evaluate/
+        # From /tmp: `python -m pytest` puts its working directory first on sys.path, and ./zoo lacks evaluate/.
+        # --import-mode=importlib: the default would put the repo root (tests/ is a package) ahead of
+        # /tmp/zoo-site; this way zoo comes from /tmp/zoo-site and `tests.support` from the checkout on PYTHONPATH.
         (cd /tmp && PYTHONPATH=/tmp/zoo-site:$PYTHONPATH timeout -s INT -k 10 "$TEST_LIMIT" "$PY" -m pytest -q \
-            -p no:cacheprovider "$OLDPWD/tests/test_eval_devices.py" -k gpu) 2>&1 | tee /tmp/gpu-tests.log | tail -n 30
+            -p no:cacheprovider --import-mode=importlib "$OLDPWD/tests/test_eval_devices.py" -k gpu) 2>&1 | tee /tmp/gpu-tests.log | tail -n 30
         TEST_RC=${PIPESTATUS[0]}
         TESTS=$(grep -E " in [0-9.]+s" /tmp/gpu-tests.log | tail -n 1)
         TESTS=${TESTS:-"no pytest summary (stopped at ${TEST_LIMIT} s?): see gpu_tests.log"}
@@ -63,7 +65,7 @@ if [ "$LEFT" -lt 60 ]; then
     echo "# CUDA tests: $TESTS"; echo "# no time left for bench_gpu.py"; exit 1
 fi
 # the bench's own budget (default 420 s, smoke 120 s, or --budget-s) is capped by the time left
-timeout -s INT -k 20 "$LEFT" "$PY" bench/bench_gpu.py --budget-cap-s $((LEFT - 30)) "$@"
+timeout -s INT -k 20 "$LEFT" "$PY" -m bench.bench_gpu --budget-cap-s $((LEFT - 30)) "$@"
 rc=$?
 [ "$rc" -eq 124 ] && echo "# bench_gpu.py was stopped after ${LEFT} s (GPU_CHECK_LIMIT_S)"
 echo "# CUDA tests: $TESTS"

@@ -136,7 +136,8 @@ def _run_shard(setup: Setup, live: Live, state: ShardState, path: Path) -> None:
                 state.save(path)
                 break
             batches = [plan[i:i + B] for i in range(0, len(plan), B)]
-            bar = _Progress(show, attack, s, state.n_stages, len(plan), sum(len(b) for b in batches[:state.batches_done]))
+            done = sum(len(b) for b in batches[:state.batches_done])
+            bar = _Progress(show, attack, s, state.n_stages, len(plan), done)
             try:
                 while state.batches_done < len(batches):
                     chunk = batches[state.batches_done: state.batches_done + K]

@@ -47,7 +47,8 @@ def parse_shard(text: str) -> tuple[int, int]:
     """'I/K' -> (I, K) with 0 <= I < K."""
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
     if not match:
-        raise BadInputError(f"cannot parse --shard {text!r}", hint="write it as I/K, e.g. --shard 0/4 (I counts from 0)")
+        raise BadInputError(f"cannot parse --shard {text!r}",
+                            hint="write it as I/K, e.g. --shard 0/4 (I counts from 0)")
     index, count = int(match.group(1)), int(match.group(2))
     if count < 1 or not 0 <= index < count:
         raise BadInputError(f"--shard {text}: need 0 <= I < K", hint="shards are numbered 0 .. K-1")

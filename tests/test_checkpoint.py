@@ -63,7 +63,9 @@ def test_other_architecture_names_the_keys(weights):
     with pytest.raises(ArchitectureMismatchError) as err:
         load_into(WideResNet(depth=16, width=1), dict(weights))
     assert "missing key(s): layer.0.block.1" in str(err.value)
-    with pytest.raises(ArchitectureMismatchError, match=r"2 key\(s\) of the wrong shape: logits.bias \(10,\) vs \(100,\), logits.weight \(10, 64\) vs \(100, 64\)"):
+    wrong_shape = (r"2 key\(s\) of the wrong shape: logits.bias \(10,\) vs \(100,\), "
+                   r"logits.weight \(10, 64\) vs \(100, 64\)")
+    with pytest.raises(ArchitectureMismatchError, match=wrong_shape):
         load_into(WideResNet(depth=10, width=1, num_classes=100), dict(weights))
     extra = dict(weights, **{"head.weight": torch.zeros(1)})
     with pytest.raises(ArchitectureMismatchError, match="1 unexpected key\\(s\\): head.weight"):

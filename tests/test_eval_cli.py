@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import eval_helpers as h
+from tests.support import helpers as h
 from zoo.errors import BadInputError
 from zoo.evaluate import cli, plan, run
 
@@ -217,7 +217,8 @@ def test_attack_list_and_version_conflicts(env, capsys):
     _fails(env, capsys, env.base + ["--version", "standard"], "an attack list was given with version 'standard'",
            "--version custom")
     _fails(env, capsys, _with(env.base, attacks="apgd-ce,pgd"), "unknown attack(s) ['pgd']")
-    _fails(env, capsys, _with(env.base, attacks=None) + ["--version", "custom"], "version 'custom' needs an attack list")
+    _fails(env, capsys, _with(env.base, attacks=None) + ["--version", "custom"],
+           "version 'custom' needs an attack list")
 
 
 def test_bad_shards(env, capsys):

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import eval_helpers as h
-from test_eval_faithful import MERGED_X_ADV_TOLERANCE, TINY_ATTACKS, _assert_same_as_reference, _run, _tiny_reference
+from tests.support import helpers as h
+from tests.support.faithful import MERGED_X_ADV_TOLERANCE, TINY_ATTACKS
+from tests.support.faithful import (assert_same_as_reference as _assert_same_as_reference, run_and_read as _run,
+                                    tiny_reference as _tiny_reference)
 from zoo.errors import BadInputError
 from zoo.evaluate import plan, run, runner
 from zoo.evaluate.attacks import compiled

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import eval_helpers as h
+from tests.support import helpers as h
 from zoo.errors import ZooError
 from zoo.evaluate import run, runner
 from zoo.evaluate.attacks.reference import ReferenceEngine
@@ -154,9 +154,9 @@ def test_native_out_of_memory_with_a_chosen_batch_size_shrinks_the_device_batch_
 # ---------------------------------------------------------------- CUDA only
 
 def _gpu_run(tmp_path, synthetic_data_file, name, **kw):
-    args = dict(data=synthetic_data_file, eps=h.TINY_EPS, version="custom", attacks=["apgd-ce", "apgd-t"], device="cuda",
-                results_dir=tmp_path / f"results-{name}", run_dir=tmp_path / f"run-{name}", model_label="tiny",
-                progress=False)
+    args = dict(data=synthetic_data_file, eps=h.TINY_EPS, version="custom", attacks=["apgd-ce", "apgd-t"],
+                device="cuda", results_dir=tmp_path / f"results-{name}", run_dir=tmp_path / f"run-{name}",
+                model_label="tiny", progress=False)
     args.update(kw)
     model = h.train_tiny_cnn()
     record = run(model, **args)
@@ -210,9 +210,9 @@ def test_gpu_reduced_precisions_are_recorded_and_checked_in_fp32(tmp_path, synth
 @needs_cuda
 def test_gpu_native_engine_in_fp32_matches_the_reference_engine(tmp_path, synthetic_data_file, deterministic_cudnn):
     """Merged device batches on the GPU: the same flags as the reference engine (fp32, TF32 off)."""
-    _, ref, ref_pe = _gpu_run(tmp_path, synthetic_data_file, "ref", batch_size=2, attacks=["apgd-ce", "apgd-t", "square"])
-    _, nat, nat_pe = _gpu_run(tmp_path, synthetic_data_file, "nat", batch_size=2, attacks=["apgd-ce", "apgd-t", "square"],
-                              engine="native")
+    attacks = ["apgd-ce", "apgd-t", "square"]
+    _, ref, ref_pe = _gpu_run(tmp_path, synthetic_data_file, "ref", batch_size=2, attacks=attacks)
+    _, nat, nat_pe = _gpu_run(tmp_path, synthetic_data_file, "nat", batch_size=2, attacks=attacks, engine="native")
     assert nat.engine.startswith("native ") and ref.engine.startswith("reference ")
     assert np.array_equal(nat_pe.robust, ref_pe.robust)
     assert np.array_equal(nat_pe.broken_by, ref_pe.broken_by)

@@ -7,46 +7,16 @@ different batch shape changes the convolutions' rounding, which the attacks' ste
 
 import functools
 
-import numpy as np
 import pytest
 import torch
 
-import eval_helpers as h
-from zoo.evaluate import run
+from tests.support import helpers as h
+from tests.support.faithful import MERGED_X_ADV_TOLERANCE, TINY_ATTACKS
+from tests.support.faithful import (assert_same_as_reference as _assert_same_as_reference, run_and_read as _run,
+                                    tiny_reference as _tiny_reference)
 from zoo.evaluate.attacks.native.engine import NativeEngine
-from zoo.evaluate.record import PerExample, RunRecord, per_example_path
+from zoo.evaluate.record import RunRecord
 from zoo.evaluate.state import ShardState
-
-TINY_ATTACKS = ("apgd-ce", "apgd-t")
-MERGED_X_ADV_TOLERANCE = 1e-3   # measured 5.8e-4 (7 of 32 points) on the tiny case; eps is 8e-3
-
-
-def _run(model, data_file, tmp_path, name="r", **kwargs):
-    kwargs.setdefault("device", "cpu")
-    record = run(model, data=data_file, results_dir=tmp_path / f"results-{name}", run_dir=tmp_path / f"run-{name}",
-                 model_label="tiny", progress=False, **kwargs)
-    per_example = PerExample.read(per_example_path(tmp_path / f"results-{name}" / record.relative_path()))
-    return record, per_example
-
-
-def _assert_same_as_reference(record, per_example, ref, x, x_adv_tolerance=0.0):
-    assert np.array_equal(per_example.robust, ref["robust"].numpy())
-    assert np.array_equal(per_example.clean_correct, ref["clean_correct"].numpy())
-    if x_adv_tolerance == 0.0:
-        assert np.array_equal(per_example.full_x_adv(x.numpy()), ref["x_adv"].numpy())  # bit for bit
-    else:
-        assert np.abs(per_example.full_x_adv(x.numpy()) - ref["x_adv"].numpy()).max() <= x_adv_tolerance
-    fooled = per_example.broken_by >= 0
-    assert np.array_equal(per_example.adv_pred[fooled], ref["y_adv"].numpy()[fooled])
-    assert record.robust.correct == int(ref["robust"].sum())
-
-
-@functools.lru_cache(maxsize=1)
-def _tiny_reference():
-    """32 synthetic images and pyautoattack's run on them at B=8 (computed once, shared by the engines)."""
-    x, y = h.synthetic_images(32, seed=2)
-    return x, y, h.reference_run(h.train_tiny_cnn(), x, y, eps=h.TINY_EPS, attacks=list(TINY_ATTACKS), batch_size=8)
-
 
 @pytest.mark.parametrize("engine,chunk_batches,x_adv_tolerance", [
     ("reference", 2, 0.0),

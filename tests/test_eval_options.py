@@ -16,7 +16,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(RunOptions)}
 
 # Where each option that the hash covers through what it selects shows up in the configuration.
 DERIVED_KEYS = {"dataset": "dataset", "eps": "eps", "n_ex": "indices", "data": "data_sha256",
-                "data_root": "data_sha256", "checkpoint": "checkpoint_sha256", "shard": "shards", "model_label": "model"}
+                "data_root": "data_sha256", "checkpoint": "checkpoint_sha256", "shard": "shards",
+                "model_label": "model"}
 
 
 @pytest.fixture
@@ -63,8 +64,8 @@ def test_the_cli_has_a_flag_for_every_option_and_defaults_to_none():
 
 def test_saved_invocation_rebuilds_every_saved_option():
     changed = RunOptions(dataset="cifar100", threat="l2", eps="0.25", n_ex=7, data="/d.npz", data_dir="/dd",
-                         data_root="/dr", version="custom", attacks=("apgd-ce", "square"), seed=3, batch_size=5, device="cuda",
-                         precision="tf32", engine="native", results_dir="/r", checkpoint="/c.pt",
+                         data_root="/dr", version="custom", attacks=("apgd-ce", "square"), seed=3, batch_size=5,
+                         device="cuda", precision="tf32", engine="native", results_dir="/r", checkpoint="/c.pt",
                          model_label="m", channels_last=False, torch_compile="default", allow_large_eps=True)
     saved = {name for name, f in FIELDS.items() if f.metadata["saved"]}
     differs = {name for name in FIELDS if getattr(changed, name) != getattr(RunOptions(), name)}

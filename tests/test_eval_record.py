@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import eval_helpers as h
+from tests.support import helpers as h
 from zoo.evaluate import run
 from zoo.evaluate.attacks.engine import ENGINES, AttackView
 from zoo.evaluate.attacks.reference import ReferenceEngine
@@ -15,8 +15,9 @@ from zoo.evaluate.state import ShardState
 
 
 def _run(tmp_path, synthetic_data_file, **kw):
-    args = dict(data=synthetic_data_file, eps=h.TINY_EPS, version="custom", attacks=["apgd-ce"], batch_size=4, device="cpu",
-                results_dir=tmp_path / "results", run_dir=tmp_path / "run", model_label="tiny", progress=False)
+    args = dict(data=synthetic_data_file, eps=h.TINY_EPS, version="custom", attacks=["apgd-ce"], batch_size=4,
+                device="cpu", results_dir=tmp_path / "results", run_dir=tmp_path / "run", model_label="tiny",
+                progress=False)
     args.update(kw)
     return run(h.train_tiny_cnn(), **args)
 
@@ -200,7 +201,7 @@ def test_progress_bar_on_a_terminal_and_log_lines_otherwise(monkeypatch, caplog)
     ("clean", {"correct": 5}, "malformed record"),
 ])
 def test_record_schema_rejects_wrong_types(field, value, message):
-    from test_report_support import make_record
+    from tests.support.reports import make_record
     from zoo.errors import BadInputError
     from zoo.evaluate.record import RunRecord
 
@@ -216,7 +217,7 @@ def test_record_schema_rejects_wrong_types(field, value, message):
     (lambda d: d["robust"].update(correct=d["robust"]["correct"] - 1), "last stage's robust count differs"),
 ])
 def test_record_with_inconsistent_stage_counts_is_refused(mutate, message):
-    from test_report_support import make_record
+    from tests.support.reports import make_record
     from zoo.errors import BadInputError
     from zoo.evaluate.record import RunRecord
 

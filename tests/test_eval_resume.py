@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import eval_helpers as h
+from tests.support import helpers as h
 from zoo.errors import BadInputError
 from zoo.evaluate import cli, run
 from zoo.evaluate.attacks.engine import AttackView
@@ -99,7 +99,8 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, tiny, strai
     resumed = run(model, **kw)
     assert resumed.config_hash == straight[0].config_hash   # chunking is not part of the configuration
     _assert_same(_outcome(resumed, tmp_path / "results-killed"), straight[1])
-    assert (PerExample.read(per_example_path(tmp_path / "results-killed" / resumed.relative_path())).broken_by == 1).any()
+    resumed_pe = PerExample.read(per_example_path(tmp_path / "results-killed" / resumed.relative_path()))
+    assert (resumed_pe.broken_by == 1).any()
 
 
 def test_crash_in_second_stage_resumes_with_same_batches(tmp_path, tiny, straight, monkeypatch):
@@ -173,7 +174,8 @@ def test_replay_restores_attack_settings_changed_by_earlier_stages():
     assert engine.attacks == ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
     assert engine.autoattack.fab.n_restarts == 5
     engine.replay(["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"])
-    assert (engine.autoattack.fab.n_restarts, engine.autoattack.fab.targeted, engine.autoattack.apgd.loss) == (1, True, "dlr")
+    aa = engine.autoattack
+    assert (aa.fab.n_restarts, aa.fab.targeted, aa.apgd.loss) == (1, True, "dlr")
 
 
 def test_cli_resume_uses_saved_invocation_and_refuses_other_settings(tmp_path, monkeypatch, capsys):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import eval_helpers as h
+from tests.support import helpers as h
 from zoo.errors import BadInputError
 from zoo.evaluate import cli, merge, run
 from zoo.evaluate.record import PerExample, per_example_path

@@ -21,8 +21,8 @@ from zoo.errors import (ArchitectureMismatchError, CorruptCheckpointError, Downl
                         UnknownModelError, UnknownVariantError)
 from zoo.fetch import download, fetch
 
-from hub_server import (DRIVE_ID, FORMATS, HUB_REPO, MODEL, URL_PATH, assert_same_weights, checkpoint_bytes,
-                        sha256, tiny_state, zoo_env)  # noqa: F401  (zoo_env is a fixture)
+from tests.support.servers import (DRIVE_ID, FORMATS, HUB_REPO, MODEL, URL_PATH, assert_same_weights,
+                                   checkpoint_bytes, sha256, tiny_state)
 
 REPO_CACHE = "models--testorg--tiny-wrn-cifar10-linf"
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_native_support import (assert_flags_match, assert_merged_matches_separate, cnn_a,  # noqa: F401
-                                 correct_points, fooled, make_engine, make_reference,
-                                 reference_perturb, trained_cnn)
+from tests.support.native import (assert_flags_match, assert_merged_matches_separate, cnn_a,
+                                  correct_points, fooled, make_engine, make_reference,
+                                  reference_perturb, trained_cnn)
 
 CASES = [  # model, norm, eps, test-sized settings applied to both implementations
     (trained_cnn, "Linf", 4 / 255, {"apgd_targets": 3}),

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_native_support import (assert_flags_match, assert_merged_matches_separate, calibrated, cnn_a,  # noqa: F401
-                                 correct_points, fooled, make_engine, make_reference,
-                                 reference_perturb, trained_cnn)
+from tests.support.native import (assert_flags_match, assert_merged_matches_separate, calibrated, cnn_a,
+                                  correct_points, fooled, make_engine, make_reference,
+                                  reference_perturb, trained_cnn)
 from zoo.evaluate.attacks.native.engine import NativeOptions
 
 CASES = [  # model, norm, eps, queries

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow   # both tests use the wheel the module fixture builds (pip wheel, tens of s)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,10 +36,12 @@ def test_wheel_contents(wheel):
     assert {"zoo/__init__.py", "zoo/evaluate/__init__.py", "zoo/evaluate/record.py"} <= names
     assert not any(n.startswith("evaluate/") for n in names), "evaluate/ must only exist as zoo.evaluate"
     assert registry == (REPO / "checkpoints.yaml").read_bytes()  # a real copy, not a link
-    for script in ("zoo = zoo.cli:main", "zoo-eval = zoo.evaluate.cli:main", "zoo-report = zoo.evaluate.report.cli:main"):
+    for script in ("zoo = zoo.cli:main", "zoo-eval = zoo.evaluate.cli:main",
+                   "zoo-report = zoo.evaluate.report.cli:main"):
         assert script in entry_points
     requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
-    assert requires and not any("==" in line.split(";")[0] for line in requires), "package metadata must use lower bounds only"
+    assert requires and not any("==" in line.split(";")[0] for line in requires), \
+        "package metadata must use lower bounds only"
 
 
 def test_wheel_installs_into_a_fresh_venv(wheel, tmp_path):
@@ -51,7 +55,8 @@ def test_wheel_installs_into_a_fresh_venv(wheel, tmp_path):
                                 check=True, capture_output=True, text=True).stdout.strip()
     Path(fresh_site, "zz_outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     probe = ("import zoo, zoo.evaluate, zoo.evaluate.record, pathlib;"
-             "print(pathlib.Path(zoo.__file__).parent.parent == pathlib.Path(zoo.evaluate.__file__).parent.parent.parent);"
+             "print(pathlib.Path(zoo.__file__).parent.parent"
+             " == pathlib.Path(zoo.evaluate.__file__).parent.parent.parent);"
              "print(zoo.registry.registry_path().is_file(), zoo.list_models())")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([str(py), "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path, env=env)

@@ -13,8 +13,8 @@ from zoo.cli import main
 from zoo.evaluate.record import Accuracy, RunRecord, Stage
 from zoo.publish import FILES
 
-from hub_server import (HUB_REPO, MODEL, URL_PATH, assert_same_weights, checkpoint_bytes, sha256, tiny_state,
-                        zoo_env)  # noqa: F401  (zoo_env is a fixture)
+from tests.support.servers import (HUB_REPO, MODEL, URL_PATH, assert_same_weights, checkpoint_bytes, sha256,
+                                   tiny_state)
 
 
 @pytest.fixture(scope="module")

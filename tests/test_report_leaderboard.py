@@ -6,7 +6,7 @@ import csv
 import io
 
 import pytest
-from test_report_support import FIXTURES, check_golden, make_record
+from tests.support.reports import FIXTURES, check_golden, make_record
 
 from zoo.errors import BadInputError
 from zoo.evaluate.report import leaderboard as lb
@@ -219,7 +219,8 @@ def test_cli_model_info_only(tmp_path, capsys, monkeypatch):
     (["leaderboard", "--results", "{tmp}/missing"], "results folder {tmp}/missing does not exist"),
     (["leaderboard", "--results", "{tmp}", "--eps", "eight"], "cannot parse eps 'eight'"),
     (["leaderboard", "--results", "{tmp}", "--eps=-8/255"], "eps must be positive"),
-    (["leaderboard", "--results", "{tmp}", "--model-info", "{tmp}/nope"], "model_info folder {tmp}/nope does not exist"),
+    (["leaderboard", "--results", "{tmp}", "--model-info", "{tmp}/nope"],
+     "model_info folder {tmp}/nope does not exist"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, argv, message):
     out = tmp_path / "out.md"

@@ -6,7 +6,7 @@ import json
 from dataclasses import replace
 
 import pytest
-from test_report_support import FIXTURES, check_golden, make_record
+from tests.support.reports import FIXTURES, check_golden, make_record
 
 from zoo.errors import BadInputError, UnknownModelError
 from zoo.evaluate.report import model_info as mi

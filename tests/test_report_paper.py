@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from test_report_support import FIXTURES, check_golden, make_record
+from tests.support.reports import FIXTURES, check_golden, make_record
 
 from zoo.evaluate.report import paper_table as pt
 from zoo.evaluate.report.cli import main

@@ -6,7 +6,7 @@ import struct
 import sys
 
 import pytest
-from test_report_support import FIXTURES, make_record
+from tests.support.reports import FIXTURES, make_record
 
 from zoo.errors import BadInputError, ZooError
 from zoo.evaluate.report import leaderboard as lb

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import eval_helpers as h
 import zoo
+from tests.support import helpers as h
 from zoo import robustbench_compat
 from zoo.errors import UnknownModelError, ZooError
 

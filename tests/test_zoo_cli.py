@@ -11,8 +11,7 @@ import pytest
 
 from zoo.cli import main
 
-from hub_server import (HUB_REPO, MODEL, URL_PATH, checkpoint_bytes, sha256, tiny_state,
-                        zoo_env)  # noqa: F401  (zoo_env is a fixture)
+from tests.support.servers import HUB_REPO, MODEL, URL_PATH, checkpoint_bytes, sha256, tiny_state
 
 
 def test_ls_prints_one_row_per_variant_with_reported_numbers(zoo_env, capsys):

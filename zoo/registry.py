@@ -226,7 +226,8 @@ def _load(path: str) -> dict[str, ModelInfo]:
             data = yaml.safe_load(fh)
     except yaml.YAMLError as exc:   # its text names the line and column
         raise RegistryError(f"{path} is not valid YAML: {' '.join(str(exc).split())}",
-                            hint=f"fix the file, or unset {constants.REGISTRY_ENV} to use the packaged registry") from None
+                            hint=f"fix the file, or unset {constants.REGISTRY_ENV} to use the packaged registry"
+                            ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RegistryError(f"cannot read the registry {path} ({exc})",
                             hint=f"fix the path, or unset {constants.REGISTRY_ENV}") from None

@@ -12,8 +12,9 @@ code — so the tests exercise the real request/response handling, caches and er
 - ``DriveServer``: ``GET /download?id=..&export=download`` with Drive's "can't scan for viruses" form
   (hidden id/export/confirm/uuid), the older confirm=t variant, quota and sign-in pages.
 
-Also: tiny WideResNet checkpoints in each upstream format and a ``zoo_env`` fixture wiring everything
-(HF_ENDPOINT, HF_HOME, SCORE_ZOO_CACHE, SCORE_ZOO_GDRIVE_URL, SCORE_ZOO_REGISTRY) into tmp_path.
+Also: tiny WideResNet checkpoints in each upstream format and ``ZooEnv``, behind the ``zoo_env`` fixture
+(tests/conftest.py) wiring everything (HF_ENDPOINT, HF_HOME, SCORE_ZOO_CACHE, SCORE_ZOO_GDRIVE_URL,
+SCORE_ZOO_REGISTRY) into tmp_path.
 """
 
 from __future__ import annotations
@@ -515,23 +516,3 @@ class ZooEnv:
 
     def files_in(self, root: Path) -> list[Path]:
         return sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink()) if root.exists() else []
-
-
-@pytest.fixture
-def zoo_env(tmp_path, monkeypatch):
-    """Three loopback servers and every environment switch pointing into tmp_path; online by default."""
-    hub, web, drive = HubServer(), WebServer(), DriveServer()
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "SCORE_ZOO_HUB_ORG", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("SCORE_ZOO_CACHE", str(tmp_path / "zoo-cache"))
-    monkeypatch.setenv("SCORE_ZOO_GDRIVE_URL", drive.download_url)
-    monkeypatch.setenv("SCORE_ZOO_HUB_ORG", "testorg")
-    monkeypatch.setenv("SCORE_ZOO_HTTP_TIMEOUT", "10")
-    env = ZooEnv(tmp=tmp_path, hub=hub, web=web, drive=drive, monkeypatch=monkeypatch)
-    env.set_offline(False)
-    try:
-        yield env
-    finally:
-        env.stop_servers()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 SHARED_DATA = SHARED / "data" / "cifar10_test_first1000.npz"
 CNN_A_ADV = SHARED / "models" / "cifar10_cnn_a_adv_at2px_sdpfo.pth"
@@ -196,9 +196,11 @@ def use_registry(monkeypatch, path: Path) -> None:
 # ---------------------------------------------------------------- subprocesses
 
 def python_subprocess(code: str, env: dict | None = None, args_after: list[str] = (), **kwargs) -> subprocess.Popen:
-    """A fresh interpreter running ``code`` (then ``args_after`` as sys.argv[1:]) with tests/ importable."""
+    """A fresh interpreter running ``code`` (then ``args_after`` as sys.argv[1:]) with the repository root, so
+    ``tests.support``, importable (after any PYTHONPATH entries, so that an installed zoo comes first)."""
     import os
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent), **(env or {})}
+    pythonpath = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath, **(env or {})}
     return subprocess.Popen([sys.executable, "-c", code, *args_after], env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
@@ -209,7 +211,7 @@ def api_run_code(model_path: Path, run_kwargs: dict) -> str:
         "import json, torch, logging\n"
         "torch.set_num_threads(1)\n"
         "logging.basicConfig(level=logging.INFO)\n"
-        "import eval_helpers\n"
+        "from tests.support import helpers as eval_helpers\n"
         "from zoo.evaluate import run\n"
         f"model = eval_helpers.tiny_cnn_from({str(model_path)!r})\n"
         f"kwargs = json.loads({json.dumps(run_kwargs)!r})\n"
