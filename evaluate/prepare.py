@@ -265,18 +265,21 @@ def _load_model(model_or_name: Any, variant: registry.Variant | None, model_data
     label = check_label(model_label if model_label is not None else label)
     fetched = getattr(model, "checkpoint_info", None)
     if fetched is not None:
-        info = {"source": str(fetched.source), "sha256": fetched.sha256, "path": str(fetched.path)}
+        info = {"source": str(fetched.source), "sha256": fetched.sha256, "path": str(fetched.path),
+                "provenance": fetched.provenance}
     elif checkpoint is not None:
         from zoo.fetch import fetch_local
         f = fetch_local(checkpoint)
         info = {"source": f.source if kind != "factory" else f"{model_source.factory_source(model_or_name)} + "
-                f"{f.source}", "sha256": f.sha256, "path": str(f.path)}
+                f"{f.source}", "sha256": f.sha256, "path": str(f.path), "provenance": f.provenance}
     elif kind == "factory":
-        info = {"source": model_source.factory_source(model_or_name), "sha256": None, "path": None}
+        info = {"source": model_source.factory_source(model_or_name), "sha256": None, "path": None,
+                "provenance": "local-unverified"}
     elif kind == "robustbench":
-        info = {"source": f"RobustBench model zoo ({label})", "sha256": None, "path": None}
+        info = {"source": f"RobustBench model zoo ({label})", "sha256": None, "path": None,
+                "provenance": "local-unverified"}
     else:
-        info = {"source": "in-memory module", "sha256": None, "path": None}
+        info = {"source": "in-memory module", "sha256": None, "path": None, "provenance": "local-unverified"}
     info["weights_sha256"] = _weights_sha256(model)
     info["module_sha256"] = _module_sha256(model)
     return model, label, kind, info, reported

@@ -229,7 +229,7 @@ def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> Ru
         robust=Accuracy(int(pe.robust.sum()), n), stages=tuple(stages), engine=f"{o.engine} "
         f"{setup.engine_version}", precision=o.precision, batch_size=o.batch_size,
         libraries=library_versions(), device=_device_name(setup.device),
-        checkpoint={k: setup.checkpoint.get(k) for k in ("source", "sha256", "path", "weights_sha256")},
+        checkpoint={k: setup.checkpoint.get(k) for k in ("source", "sha256", "path", "weights_sha256", "provenance")},
         data=dict(setup.data.source), config_hash=setup.config_hash, created=doc["created"], complete=True,
         per_example_file=f"{doc['run_id']}.npz",
         extra={"shards": merged.shard_count, "channels_last": o.channels_last, "torch_compile": o.torch_compile,

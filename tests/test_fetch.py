@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -349,7 +350,7 @@ def test_offline_mode_loads_the_cached_file_with_every_server_stopped(zoo_env, s
     model = zoo.load(MODEL)
 
     assert_same_weights(model, state)
-    assert model.checkpoint_info == online
+    assert model.checkpoint_info == dataclasses.replace(online, provenance="local-pin")   # pinned on first use
 
 
 def test_offline_mode_works_in_a_fresh_process(zoo_env, state, tmp_path):

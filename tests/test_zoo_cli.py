@@ -94,7 +94,7 @@ def test_download_prints_path_and_sha256(zoo_env, capsys):
     name, path = first.split(": ", 1)
     assert name == f"{MODEL} cifar10/linf" and open(path, "rb").read() == data
     assert second.split() == ["sha256", sha256(data), str(len(data)), "bytes", "from", "Hugging", "Face", "Hub",
-                              f"{HUB_REPO}/model.safetensors@{commit}"]
+                              f"{HUB_REPO}/model.safetensors@{commit}", "(first-use)"]
 
 
 def test_download_failure_exits_2_with_sources_and_fixes(zoo_env, capsys):

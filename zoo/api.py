@@ -30,7 +30,8 @@ def load(name: str, dataset: str = "cifar10", threat: str = "linf", device: str 
             return robustbench_compat.load(name, dataset, threat, device)
         raise
     variant = model_info.variant(dataset, threat)
-    fetched: Fetched = fetch_local(checkpoint) if checkpoint is not None else fetch(model_info, variant, revision)
+    fetched: Fetched = fetch_local(checkpoint, variant) if checkpoint is not None else \
+        fetch(model_info, variant, revision)
     net = build_model(model_info, variant)
     load_into(net, read_state_dict(fetched.path), origin=str(fetched.path))
     net.checkpoint_info = fetched

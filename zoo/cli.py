@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--dataset", action="append", choices=DATASETS, help="repeatable; default: all")
     dl.add_argument("--threat", action="append", choices=THREATS, help="repeatable; default: all")
     dl.add_argument("--revision", help="Hub branch, tag or commit instead of the registry's pin")
+    dl.add_argument("--print-pins", action="store_true",
+                    help="print the sha256/size lines to paste into checkpoints.yaml (maintainers)")
+    dl.add_argument("--forget-pins", action="store_true",
+                    help="drop the local first-use pins of these checkpoints before downloading (after an "
+                         "intended upstream change)")
     dl.set_defaults(run=_download)
 
     pub = sub.add_parser("publish", help="convert a checkpoint to safetensors + model card and upload it")
@@ -122,11 +127,19 @@ def _info_dict(model: ModelInfo) -> dict:
 def _download(args: argparse.Namespace) -> int:
     from .fetch import fetch, select_variants
 
+    from . import pins
+
     plan = select_variants(args.names, args.dataset, args.threat)  # every name checked before any download
+    if args.forget_pins:
+        entries = [pins.key(m.name, v.dataset, v.threat, s.describe()) for m, v in plan for s in v.sources]
+        print(f"forgot {pins.forget(entries)} local pin(s)", file=sys.stderr)
     for model, variant in plan:
         got = fetch(model, variant, revision=args.revision)
         print(f"{model.name} {variant.dataset}/{variant.threat}: {got.path}\n"
-              f"  sha256 {got.sha256}  {got.size} bytes  from {got.source}")
+              f"  sha256 {got.sha256}  {got.size} bytes  from {got.source}  ({got.provenance})")
+        if args.print_pins:
+            print(f"  # checkpoints.yaml, {model.name} / {variant.dataset} / {variant.threat}, the source "
+                  f"{got.source}:\n  sha256: {got.sha256}\n  size: {got.size}")
     return 0
 
 

@@ -10,6 +10,7 @@ call downloads it afresh instead of failing forever.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import http.client
@@ -28,7 +29,7 @@ from typing import Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from . import constants, registry
+from . import constants, pins, registry
 from .checkpoint import sniff_format
 from .errors import BadInputError, CorruptCheckpointError, DownloadError, OfflineError, UnknownVariantError, ZooError
 from .fileio import atomic_output, sha256_file
@@ -58,15 +59,25 @@ class Fetched:
     source: str
     sha256: str
     size: int
+    provenance: str = "local-unverified"   # how far it is trusted: see zoo.pins
 
 
-def fetch_local(path: str | Path) -> Fetched:
-    """A user-supplied checkpoint file: hashed for the record, never copied."""
+def fetch_local(path: str | Path, variant: Variant | None = None) -> Fetched:
+    """A user-supplied checkpoint file: hashed for the record, never copied. Against a registry ``variant`` it
+    counts as the release when its sha256 matches a pinned one, else it is a local file (with a warning when
+    the variant does pin a release: the numbers are then not the released checkpoint's)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise BadInputError(f"checkpoint file {path} does not exist",
                             hint="pass the path of a downloaded .pt/.pth/.safetensors file")
-    return Fetched(path=path.resolve(), source="local file", sha256=sha256_file(path), size=path.stat().st_size)
+    sha = sha256_file(path)
+    released = {s.sha256 for s in variant.sources if s.sha256} if variant is not None else set()
+    provenance = pins.local_provenance(sha, released)
+    if released and provenance == "local-unverified":
+        log.warning("%s (sha256 %s) is not the released checkpoint (checkpoints.yaml pins %s); it is evaluated as "
+                    "a local file, not as a reproduction", path, sha, ", ".join(sorted(released)))
+    return Fetched(path=path.resolve(), source="local file", sha256=sha, size=path.stat().st_size,
+                   provenance=provenance)
 
 
 def fetch(model: ModelInfo, variant: Variant, revision: str | None = None, progress: bool = True) -> Fetched:
@@ -80,9 +91,15 @@ def fetch(model: ModelInfo, variant: Variant, revision: str | None = None, progr
     failures: list[tuple[Source, ZooError]] = []
     for i, source in enumerate(variant.sources):
         try:
-            if source.kind == "hub":
-                return _fetch_hub(source, revision, progress, offline)
-            return _fetch_http(source, progress, offline)
+            got = _fetch_hub(source, revision, progress, offline) if source.kind == "hub" else \
+                _fetch_http(source, progress, offline)
+            if source.sha256:   # _verify has matched it
+                return dataclasses.replace(got, provenance="pinned")
+            asked = source.describe() + (f" (revision {revision})" if revision and source.kind == "hub" else "")
+            entry = pins.key(model.name, variant.dataset, variant.threat, asked)
+            return dataclasses.replace(got, provenance=pins.trust_on_first_use(entry, got.sha256, got.size))
+        except pins.PinMismatchError:
+            raise   # not a bad download to route around: the user must decide (see its hint)
         except (DownloadError, CorruptCheckpointError) as exc:
             failures.append((source, exc))
             if i + 1 < len(variant.sources):
