@@ -237,8 +237,12 @@ def make_engine(variant: Variant, model: nn.Module, eps: float, device: torch.de
     from zoo.evaluate.attacks.native.engine import NativeEngine
 
     if variant.engine == "native-compiled":   # compiled here (outside the timed stage), as the runner does
-        model = compiled_for_attacks(model, compile_mode, (3, 32, 32), device,
-                                     torch.bfloat16 if variant.precision == "bf16" else None)
+        from zoo.evaluate.attacks.engine import AttackView
+
+        autocast = torch.bfloat16 if variant.precision == "bf16" else None
+        compiled = compiled_for_attacks(model, compile_mode, (3, 32, 32), device, autocast)
+        # the runner's view: attacks call the compiled model, successes are re-checked by the eager fp32 one
+        model = AttackView(compiled, autocast, fp32_model=model)
     # tf32 is a global switch, not an engine precision (as in zoo-eval)
     if variant.engine in ("native", "native-compiled"):
         engine = NativeEngine(model, norm="Linf", eps=eps, seed=0, device=device,
@@ -405,9 +409,16 @@ def measure(run: ModelRun, model: nn.Module, rb_model: nn.Module | None, stage: 
             adv = run_stage(engine, stage, x, y, batch or run.batch)
             sync(device)
             row.seconds = time.perf_counter() - t0
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        row.note = f"out of GPU memory ({len(x)} points)"
+    except Exception as exc:   # one failed row must not cost the table: mark it and go on
+        from zoo.evaluate import devices
+
+        if devices.is_out_of_memory(exc):
+            devices.empty_cache()
+            row.note = f"out of GPU memory ({len(x)} points)"
+        else:
+            row.note = f"FAILED: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            log(f"  {variant.name} {stage}: {row.note}")
+            log("".join(traceback.format_exception(exc)[-3:]).rstrip())
         return row
     finally:
         if device.type == "cuda":
@@ -673,6 +684,11 @@ def main(argv: list[str] | None = None) -> int:
     how = import_zoo_evaluate()
     import pyautoattack
 
+    if args.device is None and not args.smoke and not torch.cuda.is_available():
+        print("error: the full-size bench needs a GPU, but PyTorch sees none (torch.cuda.is_available() is False)\n"
+              "  fix: run it where CUDA is visible, pass --smoke for tiny sizes on a CPU, or --device cpu to "
+              "measure the full sizes on the CPU anyway", file=sys.stderr)
+        return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -703,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         label = "WRN-70-16" if not args.smoke else f"WRN-{big.depth}-{big.width} (smoke stand-in for WRN-70-16)"
         runs.append(ModelRun(label, big, [Variant("reference", "tf32"), Variant("native", "tf32"),
                                           Variant("native", "bf16")]))
+    failures: list[str] = []
     try:
         for i, run in enumerate(runs):
             if i and budget.left() < 90:
@@ -711,16 +728,29 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 bench_model(run, device, budget, log, rb_row=any(v.engine == "robustbench" for v in run.variants),
                             channels_last=not args.no_channels_last, eps_override=args.eps)
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                log(f"  {run.label}: out of GPU memory while setting up")
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:   # report what was measured before the failure, and say it failed
+                from zoo.evaluate import devices
+
+                if devices.is_out_of_memory(exc):
+                    devices.empty_cache()
+                    log(f"  {run.label}: out of GPU memory while setting up")
+                else:
+                    failures.append(f"{run.label}: {type(exc).__name__}: {exc}")
+                    log(f"\n!! {run.label} failed: {type(exc).__name__}: {exc}")
+                    log("".join(traceback.format_exception(exc)).rstrip())
     except KeyboardInterrupt:
         log(f"\n!! interrupted after {budget.elapsed():.0f} s: reporting what was measured")
     report(runs, log)
     if log_path is not None:
         write_json(runs, log_path.with_suffix(".json"), header)
+    failed_rows = [f"{r.model} {r.stage} {r.variant.name}" for run in runs for r in run.rows
+                   if r is not None and r.note.startswith("FAILED")]
+    for what in failures + failed_rows:
+        log(f"# FAILED: {what}")
     log(f"\n# {budget.elapsed():.0f} s in all")
-    return 0
+    return 1 if failures or failed_rows else 0
 
 
 if __name__ == "__main__":

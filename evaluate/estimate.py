@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .attacks.engine import AttackView
+from . import devices
 from .precision import autocast_dtype, precision_mode
 from .prepare import Setup
 
@@ -48,8 +49,7 @@ def _time_passes(model: nn.Module, shape: tuple[int, ...], device: torch.device,
     x = torch.rand(batch, *shape, device=device)
 
     def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        devices.synchronize(device)
 
     with precision_mode(precision, device):
         with torch.no_grad():
@@ -71,13 +71,22 @@ def _time_passes(model: nn.Module, shape: tuple[int, ...], device: torch.device,
     return fwd, max(both - fwd, 0.0)
 
 
+def timing_batch(setup: Setup, n: int) -> int:
+    """How many images the estimate times per pass: a few on a CPU (per-image cost hardly depends on it);
+    on a GPU a batch as large as the attacks will run (B, within the probed device cap), since small
+    batches leave a GPU mostly idle and would overestimate the run several times over."""
+    if devices.is_gpu(setup.device):
+        return max(1, min(c for c in (setup.opts.batch_size, setup.device_batch, n) if c is not None))
+    return max(1, min(setup.opts.batch_size, 16, n))
+
+
 def estimate(setup: Setup, n_points: int | None = None) -> Estimate:
     n = setup.n if n_points is None else n_points
     shape = tuple(setup.data.x.shape[1:])
     cost = count_macs(setup.model, shape, setup.device)
     o = setup.opts
     engine = setup.engine(AttackView(setup.model))
-    t_f, t_b = _time_passes(setup.model, shape, setup.device, max(1, min(o.batch_size, 16, n)), o.precision)
+    t_f, t_b = _time_passes(setup.model, shape, setup.device, timing_batch(setup, n), o.precision)
     clean = setup.reported.get("clean_acc")
     robust = setup.reported.get("autoattack_acc")
     rows = [{"stage": "clean", "points": n, "forward": 1, "backward": 0,

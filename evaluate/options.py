@@ -85,7 +85,11 @@ class RunOptions:
     batch_size: int = _option(DEFAULT_BATCH_SIZE, "AutoAttack batch size B, part of the result's definition (the "
                                                   "reference reseeds per batch); the same default on every device",
                               hashed=VALUE, type=int)
-    device: str | None = _option(None, "cpu, cuda or cuda:N (default: cuda when available)", hashed=VALUE)
+    # Not hashed: the device says where the same configuration runs. A GPU and a CPU (or two GPU models) may
+    # round differently, but shards of one run may run, resume and merge on any device; each record names
+    # the device it was finished on.
+    device: str | None = _option(None, "cpu, cuda or cuda:N (default: cuda when available; under torchrun each "
+                                       "rank uses GPU LOCAL_RANK)", hashed=NOT_HASHED)
     precision: str = _option("fp32", "fp32 (exact); tf32 or bf16 on GPUs (bf16 successes are re-checked in fp32)",
                              hashed=VALUE, choices=_precisions)
     engine: str = _option("reference", "attack implementation", hashed=VALUE, choices=_engines)
@@ -100,8 +104,10 @@ class RunOptions:
                                       hashed=DERIVED)
     chunk_batches: int = _option(DEFAULT_CHUNK_BATCHES, "save progress every N batches", hashed=NOT_HASHED,
                                  saved=False, type=int)
-    channels_last: bool | None = _option(None, "channels_last memory format (default: on GPUs)", hashed=VALUE,
-                                         flag=None)
+    # Not hashed, like the device whose default it follows: a memory layout changes kernels (rounding), not
+    # the attacks; recorded in the record's extra.
+    channels_last: bool | None = _option(None, "channels_last memory format (default: on GPUs)",
+                                         hashed=NOT_HASHED, flag=None)
     torch_compile: str | None = _option(None, "run the attacks' model passes through torch.compile (MODE: "
                                               "default, reduce-overhead = CUDA graphs, max-autotune, "
                                               "max-autotune-no-cudagraphs); checks stay eager", hashed=VALUE,

@@ -28,7 +28,7 @@ from zoo.domain import NORMS, PRECISIONS, THREAT_TABLE, THREATS, parse_eps
 from zoo.errors import BadInputError, UnknownModelError, ZooError
 
 from . import data as data_mod
-from . import model_source
+from . import devices, model_source
 from .attacks.compiled import COMPILE_MODES
 from .attacks.engine import KNOWN_ATTACKS, VERSIONS, AttackView, Engine, engine_class, make_engine
 from .options import RunOptions, hashed_values
@@ -129,23 +129,34 @@ def _resolve_attacks(version: str, attacks: Sequence[str] | str | None, norm: st
 
 
 def _resolve_device(device: str | torch.device | None, dist: DistributedEnv | None) -> torch.device:
+    """The device this process runs on. Under torchrun each rank takes GPU LOCAL_RANK (made current), so
+    an explicit index (which would put every rank on one GPU) is refused there."""
     local = dist.local_rank if dist is not None else 0
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if devices.available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise BadInputError(f"unknown device {device!r}", hint="use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
+        if not devices.available():
             raise BadInputError(f"--device {device} asked for a GPU, but PyTorch sees none "
                                 "(torch.cuda.is_available() is False)",
                                 hint="use --device cpu, or install a CUDA build of PyTorch on a GPU machine")
-        if dev.index is None:
-            dev = torch.device("cuda", local)
-        if dev.index >= torch.cuda.device_count():
-            raise BadInputError(f"--device {dev} does not exist: {torch.cuda.device_count()} GPU(s) visible",
-                                hint="use cuda:0 .. cuda:N-1, or set CUDA_VISIBLE_DEVICES")
+        if dev.index is not None and dist is not None:
+            raise BadInputError(f"--device {dev} names one GPU, but torchrun started {dist.world_size} processes "
+                                "(every rank would use that GPU)",
+                                hint="pass --device cuda: each rank then uses GPU LOCAL_RANK (choose the GPUs "
+                                     "with CUDA_VISIBLE_DEVICES)")
+        index = local if dev.index is None else dev.index
+        if index >= devices.count():
+            raise BadInputError(f"--device cuda:{index} does not exist: {devices.count()} GPU(s) visible",
+                                hint="use cuda:0 .. cuda:N-1, or set CUDA_VISIBLE_DEVICES"
+                                     + (" (one GPU per torchrun process: --nproc-per-node <= GPUs)"
+                                        if dist is not None else ""))
+        dev = devices.gpu(index)
+        if dist is not None:   # kernels and caches of libraries that use "the current GPU" go to this rank's
+            devices.set_current(dev)
     elif dev.type != "cpu":
         raise BadInputError(f"device {dev} is not supported", hint="use cpu or cuda[:N]")
     return dev
@@ -318,27 +329,30 @@ def probe_device_batch(model: nn.Module, image_shape: tuple[int, ...], device: t
     """Largest of c, c/2, c/4, ... (c = min(n, 1024)) whose forward+backward uses at most half the GPU.
 
     It caps how many points one device pass may hold (merged reference batches), never the batch size B,
-    which defines the result. Measured against the card's total memory, not what is free right now.
+    which defines the result, and is not part of the configuration (ranks on different GPUs may probe
+    different caps and still run the same configuration). Measured against the card's total memory, not
+    what is free right now.
     """
-    total = torch.cuda.get_device_properties(device).total_memory
+    total = devices.total_memory(device)
     view = AttackView(model, autocast_dtype(precision))
     b = min(n, MAX_DEVICE_BATCH)
     while b >= 1:
         fits = False
         try:
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
+            devices.synchronize(device)
+            devices.empty_cache()
+            devices.reset_peak_memory(device)
+            base = devices.memory_allocated(device)
             x = torch.rand(b, *image_shape, device=device, requires_grad=True)
             with torch.enable_grad(), precision_mode(precision, device):
                 torch.autograd.grad(view(x).sum(), x)
-            fits = torch.cuda.max_memory_allocated(device) - base <= PROBE_MEMORY_FRACTION * total
-        except torch.cuda.OutOfMemoryError:
-            pass
+            fits = devices.max_memory_allocated(device) - base <= PROBE_MEMORY_FRACTION * total
+        except Exception as exc:
+            if not devices.is_out_of_memory(exc):
+                raise
         x = None  # free the probe before measuring the next size
         if fits:
-            torch.cuda.empty_cache()
+            devices.empty_cache()
             return b
         b //= 2
     raise ZooError(f"not even one image fits a forward+backward pass on {device}",
@@ -368,7 +382,9 @@ def _absolute(path: Any) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-def prepare(model_or_name: Any, options: RunOptions) -> Setup:
+def prepare(model_or_name: Any, options: RunOptions, *, attacking: bool = True) -> Setup:
+    """The run's Setup. ``attacking=False`` (merge) skips what only attacking needs: the GPU memory probe
+    and the GPU-only precisions check (a bf16 run's shards may be merged on a CPU)."""
     o = options
     threat = _check_choice(str(o.threat).lower(), THREATS, "threat")
     norm = NORMS[threat]
@@ -385,7 +401,7 @@ def prepare(model_or_name: Any, options: RunOptions) -> Setup:
     dist = distributed_env()
     shard = _resolve_shard(o.shard, dist)
     dev = _resolve_device(o.device, dist)
-    if dev.type == "cpu" and o.precision != "fp32":
+    if attacking and not devices.is_gpu(dev) and o.precision != "fp32":
         raise BadInputError(f"precision {o.precision} needs a GPU; on CPU only fp32 is meaningful",
                             hint="drop --precision or use --device cuda")
     results_dir = Path(o.results_dir).expanduser()
@@ -401,18 +417,18 @@ def prepare(model_or_name: Any, options: RunOptions) -> Setup:
     shard_bounds(len(evaldata), shard[1])  # refuses more shards than examples before loading the model
     model, label, kind, ckpt, reported = _load_model(model_or_name, variant, o.dataset, threat, o.checkpoint,
                                                      o.model_label)
-    channels_last = dev.type == "cuda" if o.channels_last is None else bool(o.channels_last)
+    channels_last = devices.is_gpu(dev) if o.channels_last is None else bool(o.channels_last)
     model = _prepare_model(model, dev, channels_last)
     num_classes = _check_outputs(model, evaldata, dev)
     data_mod.check_labels(evaldata, num_classes)
     # Engines that merge reference batches (native) must not exceed what one pass can hold on the GPU.
-    device_batch = None if dev.type != "cuda" else probe_device_batch(
+    device_batch = None if not (attacking and devices.is_gpu(dev)) else probe_device_batch(
         model, tuple(evaldata.x.shape[1:]), dev, len(evaldata), o.precision)
     resolved = dataclasses.replace(
         o, threat=threat, eps=eps_text, n_ex=len(evaldata), data=_absolute(o.data), data_dir=_absolute(o.data_dir),
         data_root=_absolute(o.data_root),
         attacks=attack_list if o.version == "custom" else None, seed=int(o.seed), batch_size=batch_size,
-        device=dev.type, results_dir=_absolute(results_dir), checkpoint=_absolute(o.checkpoint),
+        device=devices.kind(dev), results_dir=_absolute(results_dir), checkpoint=_absolute(o.checkpoint),
         channels_last=channels_last, chunk_batches=int(o.chunk_batches),
         progress=True if o.progress is None else bool(o.progress))
     invocation = {"model": label if kind == "module" else model_or_name, "model_kind": kind,

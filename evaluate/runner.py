@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import platform
 import shutil
 import sys
 import time
@@ -30,7 +29,8 @@ from .attacks.compiled import compiled_for_attacks
 from .attacks.engine import AttackView, engine_class
 from .estimate import Plan, estimate, fmt_seconds, plan_text
 from .options import RunOptions
-from .precision import autocast_dtype, precision_mode, strict_fp32, tf32_in_effect
+from . import devices
+from .precision import autocast_dtype, cudnn_in_effect, precision_mode, strict_fp32, tf32_in_effect
 from .prepare import Setup, library_versions, prepare
 from .record import Accuracy, RunRecord, Stage, per_example_path
 from .sharding import merge_states, shard_bounds, shard_path, unfinished_shards, wait_for_shards
@@ -200,12 +200,6 @@ def _record_batch(setup: Setup, state: ShardState, attack: str, stage: int, pos:
 # ---------------------------------------------------------------- checks and the record
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()})"
-
-
 def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> RunRecord:
     o = setup.opts
     merged = merge_states(setup.run_dir, setup.config_hash, setup.data.indices, split)
@@ -228,12 +222,13 @@ def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> Ru
         indices=setup.data.indices, clean=Accuracy(int(pe.clean_correct.sum()), n),
         robust=Accuracy(int(pe.robust.sum()), n), stages=tuple(stages), engine=f"{o.engine} "
         f"{setup.engine_version}", precision=o.precision, batch_size=o.batch_size,
-        libraries=library_versions(), device=_device_name(setup.device),
+        libraries=library_versions(), device=devices.name(setup.device),
         checkpoint={k: setup.checkpoint.get(k) for k in ("source", "sha256", "path", "weights_sha256", "provenance")},
         data=dict(setup.data.source), config_hash=setup.config_hash, created=doc["created"], complete=True,
         per_example_file=f"{doc['run_id']}.npz",
         extra={"shards": merged.shard_count, "channels_last": o.channels_last, "torch_compile": o.torch_compile,
-               "tf32": tf32_in_effect(o.precision, setup.device), "clean_seconds": round(merged.clean_seconds, 3),
+               "tf32": tf32_in_effect(o.precision, setup.device), "cudnn": cudnn_in_effect(setup.device),
+               "clean_seconds": round(merged.clean_seconds, 3),
                "fp32_rejected_successes": merged.rejected, "decision_ties": ties,
                "pass_counts": "images through the model inside the attacks (forward / backward)",
                "model_dataset": o.dataset, "run_dir": str(setup.run_dir.resolve()),
@@ -276,7 +271,7 @@ def _execute(setup: Setup, live: Live) -> RunRecord | None:
     else:
         state = ShardState.new(setup.config_hash, i, k, positions, len(setup.attacks), tuple(setup.data.x.shape[1:]))
     if not state.done:
-        if setup.device.type == "cpu" and setup.is_rank0:
+        if not devices.is_gpu(setup.device) and setup.is_rank0:
             est = estimate(setup, n_points=len(positions))
             log.warning("running on CPU: this run may take about %s (up to %s if every example survives every "
                         "attack); a GPU is much faster", fmt_seconds(est.typical_seconds or est.max_seconds),
@@ -316,11 +311,13 @@ def run(model_or_name: nn.Module | str, options: RunOptions | None = None, /, **
     while True:
         try:
             return _execute(setup, live)
-        except torch.cuda.OutOfMemoryError:
+        except Exception as exc:
+            if not devices.is_out_of_memory(exc):
+                raise
             if setup.opts.torch_compile is not None:   # CUDA graphs keep their memory pools until dynamo lets go
                 live.attack_model = None
                 torch._dynamo.reset()
-            torch.cuda.empty_cache()
+            devices.empty_cache()
             before = live.device_batch
             if not _shrink_device_batch(setup, live):
                 B = setup.opts.batch_size
@@ -374,7 +371,7 @@ def merge(run_dir: str | Path, model: nn.Module | None = None, results_dir: str 
     options = RunOptions.from_invocation(inv, run_dir=run_dir, shard=(0, doc["config"].get("shards", 1)),
                                          progress=False, **({} if device is None else {"device": device}),
                                          **({} if results_dir is None else {"results_dir": results_dir}))
-    setup = prepare(model if model is not None else inv["model"], options)
+    setup = prepare(model if model is not None else inv["model"], options, attacking=False)
     if setup.config_hash != doc["config_hash"]:
         diff = config_differences(doc["config"], setup.config)
         raise RunStateError(f"{run_dir} was made with a different configuration than can be rebuilt now "

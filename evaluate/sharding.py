@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zoo import constants
 from zoo.errors import BadInputError, RunStateError
 
 from .record import PerExample
@@ -94,7 +95,13 @@ def unfinished_shards(run_dir: Path, count: int) -> list[int]:
 
 
 def wait_for_shards(run_dir: Path, count: int, poll_seconds: float = 2.0, timeout: float | None = None) -> None:
-    """Block until all ``count`` shard files of this split exist and are finished (rank 0 does this)."""
+    """Block until all ``count`` shard files of this split exist and are finished (torchrun's rank 0).
+
+    Gives up after ``timeout`` seconds (default: ``SCORE_ZOO_SHARD_TIMEOUT``, 4 hours) with the commands
+    that finish the run, rather than hanging when another rank died or was never started.
+    """
+    if timeout is None:
+        timeout = constants.shard_timeout()
     start = time.monotonic()
     last_note = 0.0
     while True:
@@ -102,13 +109,19 @@ def wait_for_shards(run_dir: Path, count: int, poll_seconds: float = 2.0, timeou
         if not pending:
             return
         waited = time.monotonic() - start
-        if timeout is not None and waited > timeout:
-            raise RunStateError(f"shards {pending} of {count} did not finish within {timeout:.0f} s",
-                                hint=f"run them, then `zoo-eval merge {run_dir}`")
+        if waited > timeout:
+            commands = "; ".join(f"zoo-eval --resume {run_dir} --shard {i}/{count}" for i in pending)
+            raise RunStateError(
+                f"shard(s) {pending} of {count} did not finish within {timeout:.0f} s of this shard "
+                f"({', '.join(shard_file_name(i, count) for i in pending)} in {run_dir} missing or unfinished); "
+                "finished shards are kept",
+                hint=f"finish them with `{commands}` (each resumes where it stopped; the last one writes the "
+                     f"record), or run them elsewhere and then `zoo-eval merge {run_dir}`; "
+                     f"{constants.SHARD_TIMEOUT_ENV} sets how long to wait")
         if waited - last_note >= 60 or last_note == 0.0:
-            log.info("waiting for shard(s) %s of %d to finish", pending, count)
+            log.info("waiting for shard(s) %s of %d to finish (giving up after %.0f s)", pending, count, timeout)
             last_note = waited or 1e-9
-        time.sleep(poll_seconds)
+        time.sleep(min(poll_seconds, max(timeout - waited, 0.0) + 0.01))
 
 
 @dataclass(frozen=True)

@@ -164,27 +164,21 @@ def _gpu_run(tmp_path, synthetic_data_file, name, **kw):
     return model, record, pe
 
 
-@pytest.fixture
-def deterministic_cudnn():
-    """Bit-reproducible convolutions for the comparison; global switches restored afterwards."""
-    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    yield
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = before
-
-
 @needs_cuda
-def test_gpu_channels_last_matches_the_reference_on_the_same_model(tmp_path, synthetic_data_file, deterministic_cudnn):
+def test_gpu_channels_last_matches_the_reference_on_the_same_model(tmp_path, synthetic_data_file):
+    """As users run: the runner itself asks cuDNN for deterministic algorithms (README, precision.py)."""
     x, y = h.synthetic_images(8, seed=2)
     model, record, pe = _gpu_run(tmp_path, synthetic_data_file, "cl", batch_size=4)
     assert record.extra["channels_last"] is True and record.device.startswith("cuda:0 (")
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert record.extra["tf32"] == {"matmul": False, "cudnn": False}
+    assert record.extra["cudnn"] == {"deterministic": True, "benchmark": False}
     from pyautoattack import AutoAttack
     aa = AutoAttack(model, norm="Linf", eps=h.TINY_EPS, version="custom", attacks=["apgd-ce", "apgd-t"], seed=0,
                     device="cuda")
-    torch.backends.cudnn.allow_tf32 = False   # the runner's fp32 mode (restored by the fixture)
-    x_adv, y_adv = aa.run_standard_evaluation(x.cuda(), y.cuda(), batch_size=4)
+    from zoo.evaluate.precision import precision_mode
+    with precision_mode("fp32", torch.device("cuda")):   # the reference under the runner's fp32 switches
+        x_adv, y_adv = aa.run_standard_evaluation(x.cuda(), y.cuda(), batch_size=4)
     assert np.array_equal(pe.robust, (y_adv.cpu() == y).numpy())
 
 
@@ -192,7 +186,7 @@ def test_gpu_channels_last_matches_the_reference_on_the_same_model(tmp_path, syn
 def test_gpu_automatic_batch_size_is_deterministic(tmp_path, synthetic_data_file):
     _, first, _ = _gpu_run(tmp_path, synthetic_data_file, "a", attacks=["apgd-ce"])
     _, second, _ = _gpu_run(tmp_path, synthetic_data_file, "b", attacks=["apgd-ce"])
-    assert first.batch_size == second.batch_size == 8   # min(n, 1024) fits easily
+    assert first.batch_size == second.batch_size == 250   # the default B, on every device
 
 
 @needs_cuda
@@ -208,7 +202,7 @@ def test_gpu_reduced_precisions_are_recorded_and_checked_in_fp32(tmp_path, synth
 
 
 @needs_cuda
-def test_gpu_native_engine_in_fp32_matches_the_reference_engine(tmp_path, synthetic_data_file, deterministic_cudnn):
+def test_gpu_native_engine_in_fp32_matches_the_reference_engine(tmp_path, synthetic_data_file):
     """Merged device batches on the GPU: the same flags as the reference engine (fp32, TF32 off)."""
     attacks = ["apgd-ce", "apgd-t", "square"]
     _, ref, ref_pe = _gpu_run(tmp_path, synthetic_data_file, "ref", batch_size=2, attacks=attacks)

@@ -89,17 +89,18 @@ def test_hashed_options_change_the_configuration_and_the_others_do_not(base):
     np.savez(other_data, x=x.numpy(), y=np.zeros(8, np.int64))
     changes = {"threat": "l2", "eps": "0.004", "n_ex": 6, "data": str(other_data), "seed": 1, "batch_size": 3,
                "version": "standard", "attacks": None, "engine": "native", "shard": "0/2",
-               "model_label": "other", "channels_last": True, "torch_compile": "default"}
+               "model_label": "other", "torch_compile": "default"}
     for name, value in changes.items():
         assert prepare(model, dataclasses.replace(options, **changes_for(name, value))).config_hash \
             != reference.config_hash, name
-    same = {"results_dir": str(tmp_path / "r2"), "allow_large_eps": True,
+    same = {"results_dir": str(tmp_path / "r2"), "allow_large_eps": True, "channels_last": True,
             "run_dir": str(tmp_path / "run"), "chunk_batches": 9, "progress": True}
-    assert set(same) | {"data_dir"} == {n for n, f in FIELDS.items() if f.metadata["hashed"] == opt.NOT_HASHED}
+    assert set(same) | {"data_dir", "device"} == {n for n, f in FIELDS.items()
+                                                  if f.metadata["hashed"] == opt.NOT_HASHED}
     for name, value in same.items():
         assert prepare(model, dataclasses.replace(options, **{name: value})).config_hash == reference.config_hash, name
     # not varied above: dataset, data_dir, data_root and checkpoint need CIFAR or a registry model; precision and
-    # device a GPU
+    # device a GPU (tests/test_gpu_paths.py runs ranks on different devices into one configuration)
     assert set(FIELDS) - set(changes) - set(same) == {"dataset", "data_dir", "data_root", "checkpoint", "precision",
                                                       "device"}
 

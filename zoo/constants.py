@@ -19,6 +19,27 @@ DEFAULT_GDRIVE_URL = "https://drive.usercontent.google.com/download"
 HTTP_TIMEOUT_ENV = "SCORE_ZOO_HTTP_TIMEOUT"
 
 
+#: Seconds torchrun's rank 0, done with its own shard, waits for the other ranks' shards before it stops with
+#: the commands that finish the run (resume the missing shards with --shard I/K, then merge).
+SHARD_TIMEOUT_ENV = "SCORE_ZOO_SHARD_TIMEOUT"
+DEFAULT_SHARD_TIMEOUT = 4 * 3600.0
+
+
+def shard_timeout() -> float:
+    text = os.environ.get(SHARD_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_SHARD_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        from zoo.errors import BadInputError
+        raise BadInputError(f"{SHARD_TIMEOUT_ENV}={text!r} is not a positive number of seconds",
+                            hint=f"unset it (default {DEFAULT_SHARD_TIMEOUT:.0f} s) or set e.g. 7200")
+    return value
+
+
 def hub_org() -> str:
     return os.environ.get(HUB_ORG_ENV) or DEFAULT_HUB_ORG
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from zoo.errors import BadInputError
 
+from .. import devices
 from .engine import AttackView
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -87,9 +88,9 @@ def compiled_for_attacks(model: nn.Module, mode: str | None, image_shape: tuple[
             out = as_attacked(x)
             torch.autograd.grad(out[:, 0].sum(), [x], retain_graph=True)   # FAB's per-class gradients
             torch.autograd.grad(out.sum(), [x])
-    except torch.cuda.OutOfMemoryError:
-        raise   # the runner's out-of-memory handling applies
     except Exception as exc:  # backend, C++ compiler, unsupported operator: torch.compile raises many kinds
+        if devices.is_out_of_memory(exc):
+            raise   # the runner's out-of-memory handling applies
         text = str(exc).strip()
         first = text.splitlines()[0] if text else ""
         raise BadInputError(f"torch.compile (mode {mode}) failed on this model: {type(exc).__name__}: {first}",

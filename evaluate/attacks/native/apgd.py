@@ -101,11 +101,11 @@ def targeted_dlr_loss(y: Tensor, target: Tensor) -> Callable[[Tensor], Tensor]:
 
 def _per_example(v: Tensor) -> Tensor:
     """A per-example vector shaped to broadcast against images."""
-    return v.view(-1, *([1] * 3))
+    return v.reshape(-1, *([1] * 3))
 
 
 def _norms(v: Tensor, norm: str) -> Tensor:
-    flat = v.view(v.shape[0], -1)
+    flat = v.reshape(v.shape[0], -1)   # reshape: gradients of channels_last models are not NCHW-contiguous
     return flat.abs().max(1)[0] if norm == "Linf" else (flat ** 2).sum(-1).sqrt()
 
 

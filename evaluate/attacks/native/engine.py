@@ -30,6 +30,7 @@ import zoo
 from zoo.domain import NORMS
 from zoo.errors import BadInputError
 
+from ... import devices
 from ..engine import KNOWN_ATTACKS, Engine
 from ..reference import ReferenceEngine
 from . import apgd as native_apgd
@@ -167,7 +168,7 @@ class NativeEngine(Engine):
             return native_apgd.targeted(calls, x, y, layout, native_apgd.ApgdSettings.from_reference(aa.apgd_targeted))
         if attack == "square":
             settings = native_square.SquareSettings.from_reference(aa.square)
-            every = self.options.square_compact_every or (1 if self.device.type == "cpu" else 8)
+            every = self.options.square_compact_every or (8 if devices.is_gpu(self.device) else 1)
             return native_square.attack(calls, x, y, layout, settings, compact_every=every)
         settings = native_fab.FabSettings.from_reference(aa.fab, targeted=attack == "fab-t")
         group, max_points, cap = self._fab_grouping()
@@ -180,7 +181,7 @@ class NativeEngine(Engine):
         Without this, FAB-T's target groups (up to ``fab_max_points`` points) would ignore the runner's
         ``max_device_batch`` and be the likeliest out-of-memory on a large model.
         """
-        group = self.options.fab_target_group or (1 if self.device.type == "cpu" else None)
+        group = self.options.fab_target_group or (None if devices.is_gpu(self.device) else 1)
         cap = self.options.max_device_batch
         max_points = self.options.fab_max_points if cap is None else min(self.options.fab_max_points, cap)
         return group, max_points, cap

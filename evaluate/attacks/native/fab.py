@@ -204,7 +204,7 @@ def _random_start(x: Tensor, noise: Tensor, s: FabSettings) -> Tensor:
         scale = t.reshape(t.shape[0], -1).abs().max(dim=1, keepdim=True)[0].reshape(-1, 1, 1, 1)
     else:
         t = noise
-        scale = (t ** 2).view(t.shape[0], -1).sum(dim=-1).sqrt().view(-1, 1, 1, 1)
+        scale = (t ** 2).reshape(t.shape[0], -1).sum(dim=-1).sqrt().view(-1, 1, 1, 1)
     return (x + radius * t / scale * .5).clamp(0.0, 1.0)
 
 
@@ -263,7 +263,7 @@ def _targeted(calls, x, y, robust, x_out, s: FabSettings, group: int | None, max
         targets = torch.cat([order[:, -rank] for rank in block])
         found, adv = run(calls, xs, ys, s, target=targets)
         success = _accepted(calls, xs, ys, found, adv, s).view(k, -1)
-        adv = adv.view(k, -1, *x.shape[1:])
+        adv = adv.reshape(k, -1, *x.shape[1:])
         # for each point the first target of the block that fooled it (the reference stops there)
         first_hit = torch.where(success.any(0), success.float().argmax(0), -1)
         hit = (first_hit >= 0).nonzero().squeeze(1)

@@ -108,7 +108,7 @@ def l2_pattern(side: int, device: torch.device) -> Tensor:
 
 
 def _unit_l2(v: Tensor) -> Tensor:
-    return v / ((v ** 2).view(v.shape[0], -1).sum(-1).sqrt().view(-1, 1, 1, 1) + 1e-12)
+    return v / ((v ** 2).reshape(v.shape[0], -1).sum(-1).sqrt().view(-1, 1, 1, 1) + 1e-12)
 
 
 def _window_index(top: Tensor, left: Tensor, side: int, width: int, channels: int) -> Tensor:
@@ -256,10 +256,10 @@ class _L2Search(_Search):
             na = xa.shape[0]
             idx1 = _window_index(pos[:, 0], pos[:, 1], side, w, c)
             idx2 = _window_index(pos[:, 2], pos[:, 3], side, w, c)
-            flat = delta.view(na, c, h * w)
+            flat = delta.reshape(na, c, h * w)
             window = flat.gather(2, idx1).view(na, c, side, side)
             window_norm = (window ** 2).sum(dim=(-2, -1), keepdim=True).sqrt()
-            image_norm = (delta ** 2).view(na, -1).sum(-1).sqrt().view(-1, 1, 1, 1)
+            image_norm = (delta ** 2).reshape(na, -1).sum(-1).sqrt().view(-1, 1, 1, 1)
             both = (_window_mask(pos[:, 0], pos[:, 1], side, h, w) | _window_mask(pos[:, 2], pos[:, 3], side, h, w))
             windows_norm = ((delta * both.float()) ** 2).sum(dim=(-2, -1), keepdim=True).sqrt()
 

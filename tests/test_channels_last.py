@@ -1,0 +1,42 @@
+"""channels_last models on the CPU, every norm, both engines: the attacks must not assume NCHW-contiguous
+gradients (a channels_last model's input gradient is channels_last), and flags match the contiguous run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from zoo.evaluate import run
+from zoo.evaluate.record import PerExample, per_example_path
+
+from tests.support import helpers as h
+
+EPS = {"linf": h.TINY_EPS, "l2": 0.1, "l1": 1.0}
+ATTACKS = {"linf": ["apgd-ce", "apgd-t", "fab-t"], "l2": ["apgd-ce", "apgd-t", "fab-t"], "l1": ["apgd-ce", "apgd-t"]}
+
+
+def test_a_channels_last_model_gives_channels_last_input_gradients():
+    """What the tests below rely on: otherwise they would not exercise the strided layout at all."""
+    model = h.train_tiny_cnn().to(memory_format=torch.channels_last)
+    x = h.synthetic_images(2, seed=0)[0].requires_grad_(True)
+    grad, = torch.autograd.grad(model(x).sum(), x)
+    assert not grad.is_contiguous() and grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("engine", ["reference", "native"])
+@pytest.mark.parametrize("threat", ["linf", "l2", "l1"])
+def test_channels_last_runs_every_norm_with_the_contiguous_flags(tmp_path, threat, engine):
+    x, y = h.synthetic_images(6, seed=2)
+    data_file = h.write_npz(tmp_path / "d.npz", x, y)
+    flags = {}
+    for layout in (False, True):
+        name = f"cl-{layout}"
+        record = run(h.train_tiny_cnn(), data=data_file, threat=threat, eps=EPS[threat], version="custom",
+                     attacks=ATTACKS[threat], device="cpu", channels_last=layout, engine=engine, batch_size=3,
+                     results_dir=tmp_path / f"results-{name}", run_dir=tmp_path / f"run-{name}", model_label="tiny",
+                     progress=False)
+        assert record.extra["channels_last"] is layout
+        pe = PerExample.read(per_example_path(tmp_path / f"results-{name}" / record.relative_path()))
+        flags[layout] = (pe.robust, pe.broken_by)
+    for a, b in zip(flags[False], flags[True]):
+        assert np.array_equal(a, b)
