@@ -87,7 +87,7 @@ def _read_records(paths: list[str], strict: bool) -> list[RunRecord]:
 # ---------------------------------------------------------------- sub-commands
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    _emit(leaderboard.RENDERERS[args.format](_board(args)), args.output)
+    _emit(leaderboard.RENDERERS[args.format](_board(args), intervals=args.intervals), args.output)
     return 0
 
 
@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("leaderboard", help="rank runs (and RobustBench entries) by robust accuracy")
     _selection(p)
     p.add_argument("--format", choices=sorted(leaderboard.RENDERERS), default="md")
+    p.add_argument("--intervals", action="store_true", help="add the exact 95%% interval of robust accuracy "
+                   "(our runs; RobustBench's entries have no counts and stay blank)")
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.set_defaults(handler=cmd_leaderboard)
 
