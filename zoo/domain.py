@@ -83,3 +83,10 @@ def snap_to_pixel_grid(value: float, tolerance: float = PIXEL_GRID_TOLERANCE) ->
     if steps >= 1 and abs(value - steps / PIXEL_STEPS) <= tolerance:
         return steps / PIXEL_STEPS
     return value
+
+
+#: Class names by label, for pictures of examples (torchvision's spelling). CIFAR-100's hundred names come from
+#: the data set's own meta file when it is read through torchvision.
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}

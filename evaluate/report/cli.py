@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from zoo.errors import BadInputError, run_cli
-from zoo.fileio import atomic_write_text
+from zoo.fileio import atomic_write_bytes, atomic_write_text
 from zoo.domain import THREATS, parse_eps
 
 from . import leaderboard, model_info, paper_table, plots
@@ -173,6 +173,23 @@ def cmd_submission(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from . import gallery
+
+    folder = check_output(args.output or Path("gallery") / Path(args.record).stem, folder=True)
+    for name in gallery.OUTPUTS:
+        check_output(folder / name)
+    files = gallery.render(gallery.build_gallery(args.record, args.n))
+    for name, data in files.items():
+        try:
+            atomic_write_bytes(folder / name, data)
+        except OSError as exc:
+            raise BadInputError(f"cannot write {folder / name} ({exc.strerror or exc})",
+                                hint="choose another -o folder") from None
+        print(f"wrote {folder / name}", file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------- argument parsing
 
 def _selection(p: argparse.ArgumentParser, model_info_dir: bool = True) -> None:
@@ -228,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.add_argument("--allow-partial", action="store_true", help="accept runs on fewer than all test points")
     p.set_defaults(handler=cmd_submission)
+
+    p = sub.add_parser("gallery", help="fooled examples: clean, adversarial and amplified perturbation (PNG + HTML)")
+    p.add_argument("record", help="result record .json (its <run-id>.npz must lie beside it)")
+    p.add_argument("-n", type=int, default=8, help="how many fooled examples (default 8, the first in run order)")
+    p.add_argument("-o", "--output", help="folder for gallery.png and gallery.html (default gallery/<run-id>)")
+    p.set_defaults(handler=cmd_gallery)
     return parser
 
 
