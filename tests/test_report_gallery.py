@@ -109,3 +109,30 @@ def test_gallery_does_not_import_torch_for_a_file_source(tmp_path):
     path, _ = write_run(tmp_path)
     run_without_torch("zoo.evaluate.report.cli", ["gallery", str(path), "-n", "2", "-o", "g"], tmp_path)
     assert (tmp_path / "g" / "gallery.png").exists()
+
+
+def test_torchvision_source_read_without_download(tmp_path, monkeypatch):
+    """A CIFAR-10 folder in torchvision's layout (test_batch + batches.meta pickles) made from the run's images;
+    torchvision's md5 check is switched off since these are not the real files."""
+    import pickle
+
+    torchvision = pytest.importorskip("torchvision")
+    path, data = write_run(tmp_path)
+    with np.load(data) as npz:
+        x, y = npz["x"], npz["y"]
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    flat = x.transpose(0, 3, 1, 2).reshape(N, -1)  # CIFAR's row layout: all R, then G, then B
+    with open(folder / "test_batch", "wb") as fh:
+        pickle.dump({"data": flat, "labels": y.tolist()}, fh)
+    names = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": names}, fh)
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    text = re.sub(r'"data": \{[^}]*\}', f'"data": {{"source": "torchvision", "name": "cifar10", "path": "{folder}", '
+                  '"sha256": null}', path.read_text())
+    path.write_text(text)
+    assert main(["gallery", str(path), "-n", "2", "-o", str(tmp_path / "g")]) == 0
+    page = (tmp_path / "g" / "gallery.html").read_text()
+    assert "true: plane" in page and "now: cat" in page  # class names from the data set's own meta file
