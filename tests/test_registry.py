@@ -53,6 +53,21 @@ def test_entry_metadata(name, dataset):
         assert s.sha256 is None or len(s.sha256) == 64
 
 
+@pytest.mark.parametrize("name", ["score-wrn-28-10", "score-wrn-70-16"])
+def test_robustbench_spelling_is_kept_exactly(name):
+    # RobustBench's model_info files for all four SCORE entries: name with its leading space, the PDF link
+    spelled = zoo.info(name).robustbench
+    assert spelled.name == " Robustness and Accuracy Could Be Reconcilable by (Proper) Definition"
+    assert spelled.link == "https://arxiv.org/pdf/2202.10103.pdf"
+
+
+def test_robustbench_block_is_optional(raw):
+    data = copy.deepcopy(raw)
+    for model in data["models"].values():
+        model.pop("robustbench", None)
+    assert registry.parse_registry(data)["score-wrn-28-10"].robustbench is None
+
+
 def test_hub_org_is_configurable(monkeypatch):
     src = zoo.info("score-wrn-28-10").variant().sources[0]
     assert src.resolved_repo_id == "score-zoo/score-wrn-28-10-cifar10-linf"
@@ -69,6 +84,9 @@ def test_hub_org_is_configurable(monkeypatch):
     (lambda d: d["models"]["score-wrn-28-10"]["variants"][0]["sources"][0].update(sha256="abc"), "sha256"),
     (lambda d: d["models"]["score-wrn-28-10"]["variants"][0]["sources"][1].update(kind="ftp"), "kind"),
     (lambda d: d["models"]["score-wrn-28-10"]["variants"][0]["sources"][2].update(url="x"), "unknown key"),
+    (lambda d: d["models"]["score-wrn-28-10"]["robustbench"].update(title="x"), "robustbench: unknown key"),
+    (lambda d: d["models"]["score-wrn-28-10"]["robustbench"].update(link=None), r"robustbench.link: expected"),
+    (lambda d: d["models"]["score-wrn-28-10"]["robustbench"].pop("name"), "robustbench: missing key"),
     (lambda d: d["models"]["score-wrn-28-10"]["variants"].append(
         copy.deepcopy(d["models"]["score-wrn-28-10"]["variants"][0])), "duplicate"),
 ])

@@ -286,3 +286,89 @@ def test_a_full_run_beats_a_newer_subset_run():
     newer_full = make_record(n=10000, clean=8860, robust=6100, run_id="again", created="2025-07-01T00:00:00+00:00")
     assert latest_runs([full, quick], "cifar10", "linf", 8 / 255)["score-wrn-28-10"].run_id == "full"
     assert latest_runs([full, quick, newer_full], "cifar10", "linf", 8 / 255)["score-wrn-28-10"].run_id == "again"
+
+
+# ---------------------------------------------------------------- RobustBench's own conventions
+
+DECIMAL_EPS = FIXTURES / "robustbench_decimal_eps" / "cifar10" / "Linf" / "Zhang2019Theoretically.json"
+
+
+def published_folder(tmp_path, *extra):
+    """RobustBench's Linf fixtures plus the TRADES entry, whose file writes 8/255 as "0.031" (as RobustBench's does),
+    plus ``extra`` (name, dict) entries."""
+    import json
+    import shutil
+
+    folder = tmp_path / "model_info" / "cifar10" / "Linf"
+    shutil.copytree(PUBLISHED_ROOT / "cifar10" / "Linf", folder)
+    shutil.copy(DECIMAL_EPS, folder)
+    for name, data in extra:
+        (folder / f"{name}.json").write_text(json.dumps(data))
+    return tmp_path / "model_info"
+
+
+def test_decimal_eps_within_1e3_of_k_over_255_is_that_budget(tmp_path):
+    near = {"name": "n", "dataset": "cifar10", "eps": "0.0314", "clean_acc": "80.00", "autoattack_acc": "40.00"}
+    far = {"name": "f", "dataset": "cifar10", "eps": "0.03", "clean_acc": "80.00", "autoattack_acc": "45.00"}
+    root = published_folder(tmp_path, ("Near", near), ("Far", far))
+    board = lb.build_leaderboard("cifar10", "linf", eps=8 / 255, model_info_dir=root)
+    ids = [e.model_id for e in board.entries]
+    assert ids.index("Zhang2019Theoretically") == ids.index("Pang2022Robustness_WRN28_10") + 1  # 53.08 < 61.04
+    assert "Near" in ids and "Far" not in ids  # 0.03 is 1.4e-3 away from 8/255: another budget
+    trades = board.entries[ids.index("Zhang2019Theoretically")]
+    assert (trades.clean, trades.robust, trades.additional_data) == (84.92, 53.08, False)
+    assert any("Zhang2019Theoretically (0.031)" in n and "counted as 8/255" in n for n in board.notes)
+    assert any("Far.json: eps 0.03, not 8/255 -- excluded" in w for w in board.warnings)
+    # the 4/255 board does not pick it up
+    assert "Zhang2019Theoretically" not in [e.model_id for e in lb.build_leaderboard(
+        "cifar10", "linf", eps=4 / 255, model_info_dir=root).entries]
+
+
+def test_ties_break_in_the_documented_order(tmp_path):
+    def entry(name, robust, clean):
+        return (name, {"name": name, "dataset": "cifar10", "eps": "8/255", "clean_acc": clean,
+                       "autoattack_acc": robust})
+
+    root = published_folder(tmp_path, entry("Bbb", "61.04", "90.00"), entry("Aaa", "61.04", "88.61"),
+                            entry("Ccc", "61.04", "88.61"))
+    make_record(model="Aaa", clean=8861, robust=6104, run_id="ours-aaa").write(tmp_path / "r")
+    board = lb.build_leaderboard("cifar10", "linf", eps=8 / 255, model_info_dir=root, results_dir=tmp_path / "r")
+    tied = [(e.model_id, e.ours) for e in board.entries if e.robust == 61.04]
+    # higher clean first; then model id; then our run before the published entry of the same id
+    assert tied == [("Bbb", False), ("Aaa", True), ("Aaa", False), ("Ccc", False),
+                    ("Pang2022Robustness_WRN28_10", False)]
+    for _ in range(3):  # the same order whatever order the files are listed in
+        assert lb.build_leaderboard("cifar10", "linf", eps=8 / 255, model_info_dir=root,
+                                    results_dir=tmp_path / "r").entries == board.entries
+
+
+def test_extra_data_column_from_model_info_and_registry(results):
+    board = lb.build_leaderboard("cifar10", "linf", eps=8 / 255, results_dir=results, model_info_dir=PUBLISHED_ROOT)
+    frame = board.to_frame()
+    assert str(frame["additional_data"].dtype) == "boolean"
+    extra = dict(zip(frame["model_id"], frame["additional_data"].astype(object)))
+    assert extra["Rebuffi2021Fixing_70_16_cutmix_extra"] is True and extra["score-wrn-28-10"] is False
+    assert frame.loc[frame.model_id == "my-net", "additional_data"].isna().all()  # unregistered: unknown ('-')
+
+
+def test_interval_column_in_every_format(results, capsys):
+    board = lb.build_leaderboard("cifar10", "linf", eps=8 / 255, results_dir=results, model_info_dir=PUBLISHED_ROOT)
+    ours = next(e for e in board.entries if e.model_id == "score-wrn-28-10")
+    lo, hi = ours.robust_interval
+    assert lo < 60.90 < hi and hi - lo < 2.5  # n=10000
+    cell = f"[{lo:.2f}, {hi:.2f}]"
+    md = lb.to_markdown(board, intervals=True)
+    assert "Robust 95% CI" in md and cell in md and "Robust 95% CI" not in lb.to_markdown(board)
+    wang = next(line for line in md.splitlines() if "Wang2023Better" in line)
+    assert "[" not in wang.split("|")[6]  # published rows have no counts: blank cell
+    assert "Robust 95\\% CI" in lb.to_latex(board, intervals=True) and cell in lb.to_latex(board, intervals=True)
+    rows = list(csv.DictReader(io.StringIO(lb.to_csv(board, intervals=True))))
+    by_id = {r["model_id"]: r for r in rows}
+    assert (by_id["score-wrn-28-10"]["robust_ci_low"], by_id["score-wrn-28-10"]["robust_ci_high"]) == \
+        (f"{lo:.2f}", f"{hi:.2f}")
+    assert by_id["Standard"]["robust_ci_low"] == "" and "robust_ci_low" not in lb.to_csv(board)
+    page = lb.to_html(board, intervals=True)
+    assert ">Robust 95% CI</th>" in page and cell in page and "{{" not in page
+    assert "Robust 95% CI" not in lb.to_html(board)
+    assert main(["leaderboard", "--results", str(results), "--eps", "8/255", "--intervals"]) == 0
+    assert cell in capsys.readouterr().out

@@ -21,8 +21,35 @@ def full_run(**kw):
 
 
 def test_model_info_matches_robustbench_format_byte_for_byte():
-    # The golden file is hand-written after RobustBench's curated model_info/cifar10/Linf/*.json.
+    # Hand-written after RobustBench's curated model_info/cifar10/Linf/*.json (its strings for SCORE).
     assert mi.dumps_model_info(mi.model_info(full_run())).encode() == GOLDEN_MODEL_INFO.read_bytes()
+
+
+def test_reported_numbers_reproduce_robustbench_file_byte_for_byte():
+    # RobustBench's own file for this model (tests/fixtures/report/robustbench_model_info), spelled as it spells
+    # it: the name's leading space, the arXiv PDF link; a run with the reported numbers must give the same bytes.
+    run = full_run(clean=8861, robust=6104)
+    assert mi.dumps_model_info(mi.model_info(run)).encode() == \
+        (PUBLISHED / "Pang2022Robustness_WRN28_10.json").read_bytes()
+
+
+@pytest.mark.parametrize("model", ["score-wrn-28-10", "score-wrn-70-16"])
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_all_four_score_entries_use_robustbench_name_and_link(model, dataset):
+    entry = mi.model_info(full_run(model=model, dataset=dataset))
+    assert entry["name"] == " Robustness and Accuracy Could Be Reconcilable by (Proper) Definition"
+    assert entry["link"] == "https://arxiv.org/pdf/2202.10103.pdf"
+
+
+def test_custom_data_is_refused_naming_data_root(tmp_path, capsys):
+    custom = replace(full_run(), dataset="custom", data={"source": "file", "path": "/x/mine.npz", "sha256": "cd" * 32})
+    path = custom.write(tmp_path / "r")
+    for argv in (["model-info", str(path)], ["submission", str(path)],
+                 ["model-info", str(path), "-o", str(tmp_path / "out")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "custom data (/x/mine.npz)" in err and "--data-root" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_model_info_has_robustbench_key_order_and_types():

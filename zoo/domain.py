@@ -68,3 +68,25 @@ def parse_eps(value: str | float | int) -> float:
     if not math.isfinite(result):
         raise ValueError(f"cannot parse eps {value!r}: use a finite number or a fraction like 8/255")
     return result
+
+
+#: Budgets on the 1/255 pixel grid: RobustBench's model_info files write 8/255 both as "8/255" and as "0.031".
+PIXEL_STEPS = 255
+PIXEL_GRID_TOLERANCE = 1e-3
+
+
+def snap_to_pixel_grid(value: float, tolerance: float = PIXEL_GRID_TOLERANCE) -> float:
+    """k/255 when ``value`` is within ``tolerance`` of it (0.031 -> 8/255), else ``value`` unchanged.
+
+    The grid step (0.0039) is more than twice the tolerance, so at most one k can match."""
+    steps = round(value * PIXEL_STEPS)
+    if steps >= 1 and abs(value - steps / PIXEL_STEPS) <= tolerance:
+        return steps / PIXEL_STEPS
+    return value
+
+
+#: Class names by label, for pictures of examples (torchvision's spelling). CIFAR-100's hundred names come from
+#: the data set's own meta file when it is read through torchvision.
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}

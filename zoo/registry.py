@@ -68,6 +68,16 @@ class Paper:
 
 
 @dataclass(frozen=True)
+class RobustBenchStrings:
+    """How RobustBench itself spells this paper in its model_info files (kept exactly, quirks included:
+    its SCORE name starts with a space and links the arXiv PDF), so our model_info files match its own."""
+
+    name: str
+    link: str
+    venue: str | None = None   # None: the paper's venue
+
+
+@dataclass(frozen=True)
 class Variant:
     """One released checkpoint: a model trained on one dataset against one threat."""
 
@@ -96,6 +106,7 @@ class ModelInfo:
     additional_data: bool
     footnote: str | None
     variants: tuple[Variant, ...] = field(default_factory=tuple)
+    robustbench: RobustBenchStrings | None = None   # None: RobustBench spells it as our paper block does
 
     def variant(self, dataset: str = "cifar10", threat: str = "linf") -> Variant:
         for v in self.variants:
@@ -111,15 +122,17 @@ class ModelInfo:
 # ---------------------------------------------------------------- schema validation
 
 _SCHEMA = {
-    "model": {"robustbench_id": str, "paper": dict, "training": dict, "architecture": dict, "variants": list},
+    "model": {"robustbench_id": str, "robustbench": dict, "paper": dict, "training": dict, "architecture": dict,
+              "variants": list},
     "paper": {"title": str, "authors": list, "venue": str, "link": str, "code": (str, type(None))},
     "training": {"additional_data": bool, "footnote": (str, type(None))},
     "architecture": {"name": str, "label": str, "depth": int, "width": int, "activation": str},
     "variant": {"dataset": str, "threat": str, "eps": str, "num_classes": int, "mean": list, "std": list,
                 "reported": dict, "sources": list},
     "reported": {"clean_acc": (int, float), "autoattack_acc": (int, float)},
+    "robustbench": {"name": str, "link": str, "venue": str},
 }
-_OPTIONAL = {"paper": {"code"}}
+_OPTIONAL = {"paper": {"code"}, "model": {"robustbench"}, "robustbench": {"venue"}}
 _SOURCE_FIELDS = {
     "hub": {"repo_id": str, "filename": str, "revision": (str, type(None))},
     "url": {"url": str},
@@ -190,7 +203,11 @@ def parse_registry(data: Any) -> dict[str, ModelInfo]:
     models = {}
     for name, raw in data["models"].items():
         where = f"models.{name}"
-        _check_keys(where, raw, _SCHEMA["model"])
+        _check_keys(where, raw, _SCHEMA["model"], _OPTIONAL["model"])
+        robustbench = None
+        if "robustbench" in raw:
+            _check_keys(f"{where}.robustbench", raw["robustbench"], _SCHEMA["robustbench"], _OPTIONAL["robustbench"])
+            robustbench = RobustBenchStrings(**raw["robustbench"])
         _check_keys(f"{where}.paper", raw["paper"], _SCHEMA["paper"], _OPTIONAL["paper"])
         _check_keys(f"{where}.training", raw["training"], _SCHEMA["training"])
         _check_keys(f"{where}.architecture", raw["architecture"], _SCHEMA["architecture"])
@@ -204,7 +221,7 @@ def parse_registry(data: Any) -> dict[str, ModelInfo]:
             name=name, robustbench_id=raw["robustbench_id"], paper=Paper(**paper),
             architecture=Architecture(**raw["architecture"]),
             additional_data=raw["training"]["additional_data"], footnote=raw["training"]["footnote"],
-            variants=variants,
+            variants=variants, robustbench=robustbench,
         )
     return models
 

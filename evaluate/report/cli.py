@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from zoo.errors import BadInputError, run_cli
-from zoo.fileio import atomic_write_text
+from zoo.fileio import atomic_write_bytes, atomic_write_text
 from zoo.domain import THREATS, parse_eps
 
 from . import leaderboard, model_info, paper_table, plots
@@ -25,12 +25,41 @@ def _warn(messages: list[str]) -> None:
         print(f"zoo-report: warning: {message}", file=sys.stderr)
 
 
+def check_output(path: str | Path, folder: bool = False) -> Path:
+    """Refuse an -o path that cannot be written, before any work: a file where a folder must be (the path's
+    parent, or the path itself for folder outputs), or an existing folder where a file is to be written."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise BadInputError(f"cannot write {path}: {parent} is a file, not a folder",
+                                    hint=f"choose another -o path, or move {parent} out of the way")
+            break
+    if folder and path.exists() and not path.is_dir():
+        raise BadInputError(f"-o {path} is a file, but this command writes a folder of files there",
+                            hint="give the path of a folder (it is created if missing)")
+    if not folder and path.is_dir():
+        raise BadInputError(f"-o {path} is an existing folder; this command writes one file",
+                            hint=f"give a file name, e.g. -o {path / 'report.md'}")
+    return path
+
+
 def _emit(text: str, output: str | None) -> None:
     if output:
-        atomic_write_text(output, text)
+        check_output(output)
+        try:
+            atomic_write_text(output, text)
+        except OSError as exc:  # checked above; this is the race or the permission problem
+            raise BadInputError(f"cannot write {output} ({exc.strerror or exc})",
+                                hint="choose another -o path") from None
         print(f"wrote {output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
+
+
+def _check_args_output(args: argparse.Namespace, folder: bool = False) -> None:
+    if getattr(args, "output", None):
+        check_output(args.output, folder=folder)
 
 
 def _eps(text: str | None) -> float | None:
@@ -87,11 +116,13 @@ def _read_records(paths: list[str], strict: bool) -> list[RunRecord]:
 # ---------------------------------------------------------------- sub-commands
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    _emit(leaderboard.RENDERERS[args.format](_board(args)), args.output)
+    _check_args_output(args)
+    _emit(leaderboard.RENDERERS[args.format](_board(args), intervals=args.intervals), args.output)
     return 0
 
 
 def cmd_paper(args: argparse.Namespace) -> int:
+    _check_args_output(args)
     table = paper_table.build_paper_table(args.results or DEFAULT_RESULTS)
     _warn(table.warnings)
     _emit(paper_table.RENDERERS[args.format](table), args.output)
@@ -99,6 +130,8 @@ def cmd_paper(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    for path in plots.output_paths(args.output):
+        check_output(path)
     if args.kind == "stages":
         fig = plots.stages_figure(_read_records(args.records, strict=False))
     elif args.kind == "scatter":
@@ -114,6 +147,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
+    _check_args_output(args, folder=True)
     records = _read_records(args.records, strict=True)
     built = [(r, model_info.dumps_model_info(model_info.model_info(r, allow_partial=args.allow_partial)))
              for r in records]
@@ -125,14 +159,34 @@ def cmd_model_info(args: argparse.Namespace) -> int:
                / model_info.model_info_filename(r) for r, _ in built]
     if len(set(targets)) != len(targets):
         raise BadInputError("several records would write the same model_info file; pass one run per model")
+    for target in targets:  # all checked before the first is written
+        check_output(target)
     for target, (_, text) in zip(targets, built):
         _emit(text, str(target))
     return 0
 
 
 def cmd_submission(args: argparse.Namespace) -> int:
+    _check_args_output(args)
     records = _read_records(args.records, strict=True)
     _emit(model_info.submission_text(records, allow_partial=args.allow_partial), args.output)
+    return 0
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from . import gallery
+
+    folder = check_output(args.output or Path("gallery") / Path(args.record).stem, folder=True)
+    for name in gallery.OUTPUTS:
+        check_output(folder / name)
+    files = gallery.render(gallery.build_gallery(args.record, args.n))
+    for name, data in files.items():
+        try:
+            atomic_write_bytes(folder / name, data)
+        except OSError as exc:
+            raise BadInputError(f"cannot write {folder / name} ({exc.strerror or exc})",
+                                hint="choose another -o folder") from None
+        print(f"wrote {folder / name}", file=sys.stderr)
     return 0
 
 
@@ -156,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("leaderboard", help="rank runs (and RobustBench entries) by robust accuracy")
     _selection(p)
     p.add_argument("--format", choices=sorted(leaderboard.RENDERERS), default="md")
+    p.add_argument("--intervals", action="store_true", help="add the exact 95%% interval of robust accuracy "
+                   "(our runs; RobustBench's entries have no counts and stay blank)")
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.set_defaults(handler=cmd_leaderboard)
 
@@ -189,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.add_argument("--allow-partial", action="store_true", help="accept runs on fewer than all test points")
     p.set_defaults(handler=cmd_submission)
+
+    p = sub.add_parser("gallery", help="fooled examples: clean, adversarial and amplified perturbation (PNG + HTML)")
+    p.add_argument("record", help="result record .json (its <run-id>.npz must lie beside it)")
+    p.add_argument("-n", type=int, default=8, help="how many fooled examples (default 8, the first in run order)")
+    p.add_argument("-o", "--output", help="folder for gallery.png and gallery.html (default gallery/<run-id>)")
+    p.set_defaults(handler=cmd_gallery)
     return parser
 
 

@@ -8,9 +8,16 @@ In Python the ranking is a pandas DataFrame, ready to sort, filter or plot::
 
     from zoo.evaluate.report.leaderboard import build_leaderboard
     board = build_leaderboard("cifar10", "linf", eps=8 / 255, results_dir="results", model_info_dir="model_info")
-    frame = board.to_frame()     # rank, model_id, paper, link, clean_acc, robust_acc (floats, in %), architecture,
-                                 # venue, n_ex (nullable int), source, dataset, threat, eps, ours, score (bools)
+    frame = board.to_frame()     # rank, model_id, paper, link, clean_acc, robust_acc, robust_ci_low, robust_ci_high
+                                 # (floats, in %; the interval only for our runs), additional_data (nullable bool),
+                                 # architecture, venue, n_ex (nullable int), source, dataset, threat, eps, ours, score
     frame[frame.ours].plot.scatter(x="clean_acc", y="robust_acc")
+
+Ranking, as RobustBench's leaderboard generator does it: every entry of the dataset/threat/eps, sorted by robust
+accuracy (``external`` when a model_info file has it, else ``autoattack_acc``), best first. RobustBench leaves
+ties in file-system order; we break them deterministically: higher clean accuracy first, then model id (plain
+string order), then our runs before published entries, then the source text. RobustBench's files write 8/255 both
+as "8/255" and as "0.031"; a published Linf budget within 1e-3 of k/255 counts as k/255 (noted under the table).
 
 ``to_markdown`` / ``to_latex`` / ``to_csv`` render that frame through :mod:`.tables` (pandas' ``to_markdown``,
 Styler ``to_latex`` and ``to_csv``); ``to_html`` fills a self-contained sortable, filterable page.
@@ -20,14 +27,14 @@ from __future__ import annotations
 
 import html
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
 import pandas as pd
 
-from zoo.domain import DATASET_TABLE
+from zoo.domain import DATASET_TABLE, snap_to_pixel_grid
 from zoo.errors import BadInputError, ZooError
 from zoo.registry import load_registry, resolve_name
 
@@ -130,6 +137,8 @@ class Entry:
     source: str          # "score-zoo run <id>" or "RobustBench model_info"
     ours: bool           # measured by this harness (a result record)
     score: bool          # one of the SCORE networks in our registry (highlighted in plots)
+    additional_data: bool | None = None               # trained with extra data (RobustBench's column); None: unknown
+    robust_interval: tuple[float, float] | None = None  # exact 95% interval in %, our runs only (counts needed)
 
 
 @dataclass
@@ -157,7 +166,8 @@ def _entry_from_record(record: RunRecord) -> Entry:
     return Entry(model_id=model, paper=meta.paper.title if meta else None, link=meta.paper.link if meta else None,
                  clean=record.clean.percent, robust=record.robust.percent,
                  architecture=meta.architecture.label if meta else None, venue=meta.paper.venue if meta else None,
-                 n_ex=record.n_ex, source=f"score-zoo run {record.run_id}", ours=True, score=meta is not None)
+                 n_ex=record.n_ex, source=f"score-zoo run {record.run_id}", ours=True, score=meta is not None,
+                 additional_data=meta.additional_data if meta else None, robust_interval=record.robust.interval)
 
 
 def _score_ids() -> set[str]:
@@ -183,6 +193,7 @@ def build_leaderboard(dataset: str, threat: str, eps: float | None = None, resul
         loaded = load_records(results_dir)
         records, warnings = loaded.records, loaded.warnings
     published = []
+    rounded: list[str] = []   # published entries whose decimal eps was read as k/255
     if model_info_dir is not None:
         for path in model_info_files(Path(model_info_dir), dataset, threat):
             try:
@@ -193,6 +204,11 @@ def build_leaderboard(dataset: str, threat: str, eps: float | None = None, resul
             if entry.data["dataset"] != dataset:
                 warnings.append(f"{path}: dataset {entry.data['dataset']!r}, not {dataset!r} -- excluded")
                 continue
+            if threat == "linf":
+                snapped = snap_to_pixel_grid(entry.eps_value)
+                if not same_eps(snapped, entry.eps_value):
+                    entry = replace(entry, eps_value=snapped)
+                    rounded.append(entry.model_id)
             published.append(entry)
     candidates = _available_eps(records, published, dataset, threat, version)
     if eps is None:
@@ -210,15 +226,20 @@ def build_leaderboard(dataset: str, threat: str, eps: float | None = None, resul
     label = format_eps(eps, threat)
     entries = [_entry_from_record(r) for r in latest_runs(records, dataset, threat, eps, version).values()]
     score_ids = _score_ids()
+    counted_rounded = []
     for pub in published:
         if not same_eps(pub.eps_value, eps):
             warnings.append(f"{pub.model_id}.json: eps {pub.data['eps']}, not {label} -- excluded")
             continue
+        if pub.model_id in rounded:
+            counted_rounded.append(f"{pub.model_id} ({pub.data['eps']})")
+        extra = pub.data.get("additional_data")
         entries.append(Entry(model_id=pub.model_id, paper=pub.data.get("name", "").strip() or None,
                              link=pub.data.get("link") or None, clean=pub.clean, robust=pub.robust,
                              architecture=pub.data.get("architecture"), venue=pub.data.get("venue") or "Unpublished",
                              n_ex=FULL_TEST_SET.get(dataset), source="RobustBench model_info", ours=False,
-                             score=pub.model_id in score_ids))
+                             score=pub.model_id in score_ids,
+                             additional_data=extra if isinstance(extra, bool) else None))
     if not entries:
         others = ", ".join(format_eps(v, threat) for v in candidates if not same_eps(v, eps)) or "none"
         versions = sorted({r.version for r in records if (r.dataset, r.threat) == (dataset, threat)
@@ -228,9 +249,18 @@ def build_leaderboard(dataset: str, threat: str, eps: float | None = None, resul
             hint += f"; at eps {label} with AutoAttack version(s) {', '.join(versions)} (pick one with --version)"
         raise BadInputError(f"no finished AutoAttack-{version} results for {dataset}/{threat} at eps {label}",
                             hint=hint)
-    entries.sort(key=lambda e: (-e.robust, -e.clean, e.model_id))
-    return Leaderboard(dataset=dataset, threat=threat, eps=label, entries=entries,
-                       notes=_notes(entries, dataset), warnings=warnings)
+    entries.sort(key=rank_key)
+    notes = _notes(entries, dataset)
+    if counted_rounded:
+        notes.append(f"Budgets written as decimals in RobustBench's files are read as the nearest k/255 (within "
+                     f"1e-3), as its own leaderboard lists them: {', '.join(counted_rounded)} counted as {label}.")
+    return Leaderboard(dataset=dataset, threat=threat, eps=label, entries=entries, notes=notes, warnings=warnings)
+
+
+def rank_key(entry: Entry) -> tuple:
+    """Robust accuracy first (RobustBench's only key), then the documented tie-breaks: clean accuracy (higher
+    first), model id, our runs before published entries, source."""
+    return (-entry.robust, -entry.clean, entry.model_id, not entry.ours, entry.source)
 
 
 def _notes(entries: list[Entry], dataset: str) -> list[str]:
@@ -254,18 +284,22 @@ def _notes(entries: list[Entry], dataset: str) -> list[str]:
 # ---------------------------------------------------------------- leaderboard renderings
 
 #: The columns of ``Leaderboard.to_frame()``; the CSV file is this frame without ``ours`` and ``score``.
-FRAME_COLUMNS = ("rank", "model_id", "paper", "link", "clean_acc", "robust_acc", "architecture", "venue", "n_ex",
-                 "source", "dataset", "threat", "eps", "ours", "score")
-CSV_COLUMNS = FRAME_COLUMNS[:-2]
+FRAME_COLUMNS = ("rank", "model_id", "paper", "link", "clean_acc", "robust_acc", "robust_ci_low", "robust_ci_high",
+                 "additional_data", "architecture", "venue", "n_ex", "source", "dataset", "threat", "eps", "ours",
+                 "score")
+INTERVAL_COLUMNS = ("robust_ci_low", "robust_ci_high")
+CSV_COLUMNS = tuple(c for c in FRAME_COLUMNS[:-2] if c not in INTERVAL_COLUMNS)   # + INTERVAL_COLUMNS on request
 
 
 def _frame(board: Leaderboard) -> pd.DataFrame:
-    rows = [(rank, e.model_id, e.paper, e.link, e.clean, e.robust, e.architecture, e.venue, e.n_ex, e.source,
-             board.dataset, board.threat, board.eps, e.ours, e.score)
+    rows = [(rank, e.model_id, e.paper, e.link, e.clean, e.robust,
+             *(e.robust_interval if e.robust_interval else (None, None)), e.additional_data, e.architecture,
+             e.venue, e.n_ex, e.source, board.dataset, board.threat, board.eps, e.ours, e.score)
             for rank, e in enumerate(board.entries, start=1)]
     frame = pd.DataFrame.from_records(rows, columns=list(FRAME_COLUMNS))
-    return frame.astype({"rank": "int64", "clean_acc": "float64", "robust_acc": "float64", "n_ex": "Int64",
-                         "ours": "bool", "score": "bool"})
+    return frame.astype({"rank": "int64", "clean_acc": "float64", "robust_acc": "float64", "robust_ci_low": "float64",
+                         "robust_ci_high": "float64", "additional_data": "boolean", "n_ex": "Int64", "ours": "bool",
+                         "score": "bool"})
 
 
 def _marks(frame: pd.DataFrame) -> pd.Series:
@@ -278,7 +312,31 @@ def _text(value: object) -> str:
     return "-" if pd.isna(value) else str(value)
 
 
-def to_markdown(board: Leaderboard) -> str:
+def _yes_no(value: object) -> str:
+    """The extra-data column: RobustBench's ``additional_data``, or the registry's for our runs."""
+    return "-" if pd.isna(value) else ("yes" if value else "no")
+
+
+def _interval(frame: pd.DataFrame) -> pd.Series:
+    """'[lo, hi]' for rows with counts (our runs), blank for RobustBench's rows (they have no counts)."""
+    return pd.Series([f"[{lo:.2f}, {hi:.2f}]" if not pd.isna(lo) else ""
+                      for lo, hi in zip(frame["robust_ci_low"], frame["robust_ci_high"])], index=frame.index,
+                     dtype=object)
+
+
+def _columns(frame: pd.DataFrame, columns: dict[str, pd.Series], aligns: str, intervals: bool,
+             after: str) -> tuple[pd.DataFrame, str]:
+    """The display frame, with the interval column (centred) inserted after ``after`` when asked for."""
+    names = list(columns)
+    if intervals:
+        at = names.index(after) + 1
+        names.insert(at, "Robust 95% CI")
+        columns["Robust 95% CI"] = _interval(frame)
+        aligns = aligns[:at] + "c" + aligns[at:]
+    return pd.DataFrame({name: columns[name] for name in names}), aligns
+
+
+def to_markdown(board: Leaderboard, intervals: bool = False) -> str:
     frame = board.to_frame()
 
     def paper(row: pd.Series) -> str:
@@ -286,37 +344,43 @@ def to_markdown(board: Leaderboard) -> str:
             return "-"
         return f"*[{row['paper']}]({row['link']})*" if not pd.isna(row["link"]) else f"*{row['paper']}*"
 
-    shown = pd.DataFrame({
+    shown, aligns = _columns(frame, {
         "#": frame["rank"].map(lambda r: f"**{r}**"),
         "Model ID": "**" + frame["model_id"] + "**" + _marks(frame),
         "Paper": frame.apply(paper, axis=1) if len(frame) else pd.Series(dtype=object),
         "Clean accuracy": frame["clean_acc"].map(lambda v: f"{v:.2f}%"),
         "Robust accuracy": frame["robust_acc"].map(lambda v: f"{v:.2f}%"),
+        "Extra data": frame["additional_data"].map(_yes_no),
         "Architecture": frame["architecture"].map(_text),
         "Venue": frame["venue"].map(_text),
-    })
-    return tables.markdown(shown, "cllcccc", board.notes, title=board.title)
+    }, "cllccccc", intervals, after="Robust accuracy")
+    return tables.markdown(shown, aligns, board.notes, title=board.title)
 
 
-def to_latex(board: Leaderboard) -> str:
+def to_latex(board: Leaderboard, intervals: bool = False) -> str:
     frame = board.to_frame()
-    shown = pd.DataFrame({
+    shown, aligns = _columns(frame, {
         "#": frame["rank"].map(str),
         "Model ID": frame["model_id"] + _marks(frame),
         "Paper": frame["paper"].map(_text),
         "Clean (%)": frame["clean_acc"].map(lambda v: f"{v:.2f}"),
         "Robust (%)": frame["robust_acc"].map(lambda v: f"{v:.2f}"),
+        "Extra data": frame["additional_data"].map(_yes_no),
         "Architecture": frame["architecture"].map(_text),
         "Venue": frame["venue"].map(_text),
-    })
-    return tables.latex(shown, "rllrrll", board.notes, caption=board.title)
+    }, "rllrrcll", intervals, after="Robust (%)")
+    return tables.latex(shown, aligns, board.notes, caption=board.title)
 
 
-def to_csv(board: Leaderboard) -> str:
-    return tables.csv(board.to_frame()[list(CSV_COLUMNS)])
+def to_csv(board: Leaderboard, intervals: bool = False) -> str:
+    columns = list(CSV_COLUMNS)
+    if intervals:
+        at = columns.index("robust_acc") + 1
+        columns[at:at] = INTERVAL_COLUMNS
+    return tables.csv(board.to_frame()[columns])
 
 
-def to_html(board: Leaderboard) -> str:
+def to_html(board: Leaderboard, intervals: bool = False) -> str:
     """A self-contained page (inline CSS/JS) with a sortable, filterable table."""
     esc = html.escape
     frame = board.to_frame()
@@ -326,16 +390,23 @@ def to_html(board: Leaderboard) -> str:
                  else esc(_text(row.paper)))
         cls = ' class="score"' if row.score else ""
         n_ex = None if pd.isna(row.n_ex) else int(row.n_ex)
+        interval = ""
+        if intervals:
+            interval = (f'<td data-value="{row.robust_ci_low:.2f}">[{row.robust_ci_low:.2f}, {row.robust_ci_high:.2f}]'
+                        "</td>" if not pd.isna(row.robust_ci_low) else '<td data-value=""></td>')
         rows.append(
             f'<tr data-model="{esc(row.model_id)}"{cls}><td data-value="{row.rank}">{row.rank}</td>'
             f"<td>{esc(row.model_id + mark)}</td><td>{paper}</td>"
             f'<td data-value="{row.clean_acc:.2f}">{row.clean_acc:.2f}%</td>'
-            f'<td data-value="{row.robust_acc:.2f}">{row.robust_acc:.2f}%</td>'
+            f'<td data-value="{row.robust_acc:.2f}">{row.robust_acc:.2f}%</td>{interval}'
+            f"<td>{_yes_no(row.additional_data)}</td>"
             f"<td>{esc(_text(row.architecture))}</td><td>{esc(_text(row.venue))}</td>"
             f'<td data-value="{n_ex if n_ex is not None else ""}">{n_ex if n_ex is not None else "?"}</td>'
             f"<td>{esc(row.source)}</td></tr>")
     notes = "\n".join(f"<p class=\"note\">{esc(n)}</p>" for n in board.notes)
-    values = {"title": esc(board.title), "rows": "\n".join(rows), "notes": notes, "count": str(len(rows))}
+    interval_header = '<th data-type="num" data-first="desc">Robust 95% CI</th>' if intervals else ""
+    values = {"title": esc(board.title), "rows": "\n".join(rows), "notes": notes, "count": str(len(rows)),
+              "interval_header": interval_header}
     template = resources.files("zoo.evaluate.report").joinpath("templates/leaderboard.html").read_text(encoding="utf-8")
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
 

@@ -50,8 +50,19 @@ def is_partial(record: RunRecord) -> bool:
     return full is None or record.n_ex < full
 
 
+def refuse_custom_data(record: RunRecord) -> None:
+    """RobustBench numbers are on its CIFAR test splits; a run on a user's --data file cannot be listed."""
+    if record.dataset == "custom":
+        source = record.data.get("path") or record.data.get("name") or "a --data file"
+        raise BadInputError(f"run {record.run_id} ({record.model}) was evaluated on custom data ({source}), "
+                            "not on a RobustBench test split",
+                            hint="evaluate on --dataset cifar10 / cifar100 (with --data-root DIR for a local "
+                            "copy of CIFAR) instead of --data FILE.npz")
+
+
 def model_info(record: RunRecord, allow_partial: bool = False) -> dict[str, Any]:
     """The RobustBench model_info entry for one complete AutoAttack-standard run of a registry model."""
+    refuse_custom_data(record)
     meta = info(record.model)
     variant = meta.variant(record.dataset, record.threat)
     origin = f"run {record.run_id} ({record.model}, {record.dataset}, {record.threat})"
@@ -69,14 +80,15 @@ def model_info(record: RunRecord, allow_partial: bool = False) -> dict[str, Any]
         raise BadInputError(f"{origin} covers only {record.n_ex} of {FULL_TEST_SET.get(record.dataset, '?')} "
                             "test points; RobustBench numbers use the full test set",
                             hint="evaluate on the full test set, or pass --allow-partial for a draft")
+    spelled = meta.robustbench
     return {
-        "link": meta.paper.link,
-        "name": meta.paper.title,
+        "link": spelled.link if spelled else meta.paper.link,
+        "name": spelled.name if spelled else meta.paper.title,
         "authors": ", ".join(meta.paper.authors),
         "additional_data": meta.additional_data,
         "number_forward_passes": 1,  # deterministic single-pass networks; no test-time randomness
         "dataset": record.dataset,
-        "venue": meta.paper.venue,
+        "venue": (spelled.venue if spelled and spelled.venue else meta.paper.venue),
         "architecture": meta.architecture.label,
         "eps": format_eps(record.eps_value, record.threat),
         "clean_acc": f"{record.clean.percent:.2f}",
@@ -108,6 +120,8 @@ def submission_text(records: list[RunRecord], allow_partial: bool = False) -> st
     """RobustBench's 'New Model(s)' issue, filled in from finished runs of one paper's models."""
     if not records:
         raise BadInputError("a submission needs at least one result record")
+    for record in records:
+        refuse_custom_data(record)
     metas: list[ModelInfo] = [info(r.model) for r in records]
     if len({m.paper.title for m in metas}) != 1:
         raise BadInputError("a submission covers one paper; these records come from several: "

@@ -9,8 +9,12 @@ In Python the table is a pandas DataFrame::
     from zoo.evaluate.report.paper_table import build_paper_table
     frame = build_paper_table("results").to_frame()
     # dataset, model, threat, eps, clean_reported, clean_ours, clean_delta, robust_reported, robust_ours,
-    # robust_delta (floats in %, NA where not reproduced yet), n_ex (nullable int), status, run_id
+    # robust_delta, clean_ci_low, clean_ci_high, robust_ci_low, robust_ci_high (floats in %, NA where not
+    # reproduced yet; the exact 95% Clopper-Pearson interval of ours), n_ex (nullable int), status, run_id
     frame[frame.robust_delta.abs() > 0.5]
+
+Printed, a full row shows Δ = ours − reported; a partial row (fewer than all 10000 test points) shows the 95%
+interval of our number in the Δ column instead, since a subset's difference alone says little.
 
 ``to_markdown`` / ``to_latex`` render it through :mod:`.tables` (pandas' ``to_markdown`` and Styler ``to_latex``).
 """
@@ -75,6 +79,9 @@ class PaperTable:
     def notes(self) -> list[str]:
         notes = ["Reported: Pang et al., ICML 2022 (as listed by RobustBench). Ours: AutoAttack standard, "
                  "latest finished run per row. Δ = ours − reported, in percentage points."]
+        if any(row.record is not None and is_partial(row.record) for row in self.rows):
+            notes.append("Partial rows (a subset of the test set) show [low, high], the exact 95% (Clopper-Pearson) "
+                         "interval of our number, in place of Δ.")
         for row in self.rows:
             if row.record is not None:
                 ev, r = row.evaluation, row.record
@@ -100,7 +107,9 @@ def build_paper_table(results_dir: str | Path | None) -> PaperTable:
 
 #: The columns of ``PaperTable.to_frame()``: accuracies in %, NA where a row is not reproduced yet.
 FRAME_COLUMNS = ("dataset", "model", "threat", "eps", "clean_reported", "clean_ours", "clean_delta",
-                 "robust_reported", "robust_ours", "robust_delta", "n_ex", "status", "run_id")
+                 "robust_reported", "robust_ours", "robust_delta", "clean_ci_low", "clean_ci_high", "robust_ci_low",
+                 "robust_ci_high", "n_ex", "status", "run_id")
+_FLOAT_COLUMNS = FRAME_COLUMNS[4:14]
 
 HEADERS = ["Dataset", "Model", "eps", "Clean (paper)", "Clean (ours)", "Δ clean", "AA (paper)", "AA (ours)",
            "Δ AA", "n", "Status"]
@@ -117,9 +126,10 @@ def _frame(table: PaperTable) -> pd.DataFrame:
         rows.append((ev.dataset, ev.model, ev.threat, eps,
                      row.reported_clean, clean, None if clean is None else clean - row.reported_clean,
                      row.reported_robust, robust, None if robust is None else robust - row.reported_robust,
+                     *(r.clean.interval if r else (None, None)), *(r.robust.interval if r else (None, None)),
                      r.n_ex if r else None, row.status, r.run_id if r else None))
     frame = pd.DataFrame.from_records(rows, columns=list(FRAME_COLUMNS))
-    return frame.astype({c: "float64" for c in FRAME_COLUMNS[4:10]} | {"n_ex": "Int64"})
+    return frame.astype({c: "float64" for c in _FLOAT_COLUMNS} | {"n_ex": "Int64"})
 
 
 def _display(table: PaperTable) -> pd.DataFrame:
@@ -129,12 +139,21 @@ def _display(table: PaperTable) -> pd.DataFrame:
     def number(fmt: str):
         return lambda v: "—" if pd.isna(v) else format(v, fmt)
 
+    full = FULL_TEST_SET.get
+    partial = [not pd.isna(n) and n < full(d, 0) for n, d in zip(frame["n_ex"], frame["dataset"])]
+
+    def delta_or_interval(kind: str) -> list[str]:
+        # full rows: the difference to the paper; partial rows: the 95% interval of ours instead
+        return [f"[{lo:.2f}, {hi:.2f}]" if part else number("+.2f")(delta)
+                for part, delta, lo, hi in zip(partial, frame[f"{kind}_delta"], frame[f"{kind}_ci_low"],
+                                               frame[f"{kind}_ci_high"])]
+
     columns = [frame["dataset"].map(lambda d: DATASET_LABEL.get(d, d)), frame["model"], frame["eps"]]
     for kind in ("clean", "robust"):
         columns += [frame[f"{kind}_reported"].map(number(".2f")), frame[f"{kind}_ours"].map(number(".2f")),
-                    frame[f"{kind}_delta"].map(number("+.2f"))]
+                    pd.Series(delta_or_interval(kind), dtype=object)]
     columns += [frame["n_ex"].map(number("d")), frame["status"]]
-    return pd.DataFrame(dict(zip(HEADERS, (c.tolist() for c in columns))), columns=HEADERS)
+    return pd.DataFrame(dict(zip(HEADERS, (list(c) for c in columns))), columns=HEADERS)
 
 
 def to_markdown(table: PaperTable) -> str:

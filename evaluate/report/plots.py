@@ -41,17 +41,24 @@ def _figure() -> Any:
     return Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI, layout="constrained")
 
 
-def save(fig: Any, output: str | Path) -> list[Path]:
-    """Write ``<output>.png`` and ``<output>.svg`` atomically (a .png/.svg suffix on ``output`` is dropped)."""
+def output_paths(output: str | Path) -> list[Path]:
+    """``<output>.png`` and ``<output>.svg`` (a .png/.svg suffix on ``output`` is dropped)."""
     base = Path(output)
     if base.suffix.lower() in (".png", ".svg"):
         base = base.with_suffix("")
-    written = []
-    for fmt in ("png", "svg"):
+    return [base.with_name(f"{base.name}.{fmt}") for fmt in ("png", "svg")]
+
+
+def save(fig: Any, output: str | Path) -> list[Path]:
+    """Write ``<output>.png`` and ``<output>.svg`` atomically, both rendered before either is written."""
+    paths = output_paths(output)
+    blobs = []
+    for path in paths:
+        fmt = path.suffix[1:]
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, dpi=DPI, metadata={"Date": None} if fmt == "svg" else None)
-        written.append(atomic_write_bytes(base.with_name(f"{base.name}.{fmt}"), buf.getvalue()))
-    return written
+        blobs.append(buf.getvalue())
+    return [atomic_write_bytes(path, blob) for path, blob in zip(paths, blobs)]
 
 
 def _legend_labels(records: list[RunRecord]) -> list[str]:
