@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from test_report_support import make_record
-
 from zoo.evaluate.record import PerExample, per_example_path
 from zoo.evaluate.report.cli import main
+
+from tests.support.reports import make_record
 from zoo.fileio import sha256_file
 
 pytest.importorskip("matplotlib")
