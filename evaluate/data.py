@@ -61,6 +61,23 @@ def load(dataset: str = "cifar10", n_ex: int | None = None, data: str | Path | N
     return load_cifar(dataset, n_ex, data_dir)
 
 
+def for_planning(dataset: str, n_ex: int | None, data: str | Path | None, data_dir: str | Path | None,
+                 data_root: str | Path | None) -> EvalData:
+    """What --dry-run needs to know about the data without downloading it: a local file is read; for CIFAR,
+    the count and image shape (blank images: planning times the model, it does not classify)."""
+    if data is not None or data_root is not None:
+        return load(dataset, n_ex, data, data_dir, data_root)
+    if dataset not in _TORCHVISION:
+        raise DataError(f"unknown dataset {dataset!r}", hint=f"use one of {sorted(_TORCHVISION)}, "
+                                                             "or --data FILE.npz for your own images")
+    n = _check_n_ex(CIFAR_TEST_SIZE if n_ex is None else n_ex, CIFAR_TEST_SIZE, f"the {dataset} test set")
+    x = torch.zeros(1, 3, 32, 32).expand(n, 3, 32, 32)   # a view: no memory for n images
+    source = {"source": "torchvision", "name": dataset, "path": None, "sha256": None, "n": n,
+              "content_sha256": None, "planned": True}
+    return EvalData(x=x, y=torch.zeros(n, dtype=torch.int64), indices=tuple(range(n)), dataset=dataset,
+                    num_classes=NUM_CLASSES[dataset], source=source)
+
+
 def _check_n_ex(n_ex: int | None, available: int, what: str) -> int:
     if n_ex is None:
         return available

@@ -112,21 +112,28 @@ class Plan:
     text: str
 
 
+def _weights_line(checkpoint: dict) -> str:
+    if checkpoint.get("path") is None and checkpoint.get("sha256") is None and checkpoint.get("provenance") is None:
+        return checkpoint["source"]   # planning: nothing downloaded
+    sha = checkpoint.get("sha256") or checkpoint["weights_sha256"]
+    return f"{checkpoint.get('path') or checkpoint['source']} (sha256 {sha[:16]}...)"
+
+
 def plan_text(setup: Setup, est: Estimate) -> str:
     o = setup.opts
     d = setup.data
     idx = d.indices
+    unread = ", not read: planning needs only the count" if d.source.get("planned") else ""
     lines = [
         f"model      {setup.label} ({est.parameters / 1e6:.2f}M parameters"
         + (f", {est.macs_per_image / 1e9:.3f} GMACs per image)" if est.macs_per_image else ")"),
-        f"checkpoint {setup.checkpoint.get('path') or setup.checkpoint['source']} "
-        f"(sha256 {(setup.checkpoint.get('sha256') or setup.checkpoint['weights_sha256'])[:16]}...)",
-        f"data       {d.dataset} ({d.source.get('source')}), examples {idx[0]}..{idx[-1]} ({len(idx)})",
+        f"checkpoint {_weights_line(setup.checkpoint)}",
+        f"data       {d.dataset} ({d.source.get('source')}{unread}), examples {idx[0]}..{idx[-1]} ({len(idx)})",
         f"threat     {o.threat} eps {o.eps} ({setup.eps:.6g}), version {o.version}, seed {o.seed}",
         f"engine     {o.engine} {setup.engine_version}, precision {o.precision}, device {setup.device}, "
         f"batch size {o.batch_size}, shard {setup.shard[0]}/{setup.shard[1]}"
         + (f", torch.compile {o.torch_compile} (eager timings below)" if o.torch_compile else ""),
-        f"run folder {setup.run_dir}",
+        f"run folder {setup.run_dir or 'chosen at the start (the configuration hash needs the weights and data)'}",
         f"results    {setup.results_dir / setup.data.dataset / o.threat / setup.label}",
         "",
         f"{'stage':<10} {'points<=':>9} {'fwd/pt':>8} {'bwd/pt':>8} {'passes<=':>12} {'TMACs<=':>10}",

@@ -26,6 +26,7 @@ import zoo
 from zoo import constants, registry, robustbench_compat
 from zoo.domain import NORMS, PRECISIONS, THREAT_TABLE, THREATS, parse_eps
 from zoo.errors import BadInputError, UnknownModelError, ZooError
+from zoo.models import build_model
 
 from . import data as data_mod
 from . import devices, model_source
@@ -68,8 +69,8 @@ class Setup:
     reported: dict[str, float]
     invocation: dict[str, Any]
     config: dict[str, Any]
-    config_hash: str
-    run_dir: Path
+    config_hash: str                 # "" when planning
+    run_dir: Path | None             # None when planning without --run-dir
 
     @property
     def n(self) -> int:
@@ -250,23 +251,25 @@ def _registry_variant(model_or_name: Any, model_dataset: str, threat: str,
 
 
 def _load_model(model_or_name: Any, variant: registry.Variant | None, model_dataset: str, threat: str,
-                checkpoint: str | Path | None, model_label: str | None
+                checkpoint: str | Path | None, model_label: str | None, planning: bool = False
                 ) -> tuple[nn.Module, str, str, dict[str, Any], dict[str, float]]:
     """(module, label, kind, checkpoint info, reported accuracies) for a model string (see model_source)
-    or a module."""
+    or a module. ``planning``: the architecture with untrained weights, nothing downloaded or read."""
     reported: dict[str, float] = dict(variant.reported) if variant else {}
     if isinstance(model_or_name, str):
         name = model_or_name
         kind = model_source.kind_of(name)
         if kind == "factory":
-            model = model_source.build_factory(name, checkpoint)
+            model = model_source.build_factory(name, None if planning else checkpoint)
             label = model_source.default_label(name)
-        elif kind == "robustbench":
-            label = model_source.default_label(name)
-            model = robustbench_compat.load(label, model_dataset, threat)
+        elif kind == "robustbench" or (kind == "registry" and variant is None):
+            label = model_source.default_label(name)   # RobustBench names keep their own
+            model = robustbench_compat.architecture(label, model_dataset, threat) if planning else \
+                robustbench_compat.load(label, model_dataset, threat)
         else:
-            label = registry.resolve_name(name) if variant else name  # RobustBench names keep their own
-            model = zoo.load(name, dataset=model_dataset, threat=threat, checkpoint=checkpoint)
+            label = registry.resolve_name(name)
+            model = build_model(registry.info(name), variant) if planning else \
+                zoo.load(name, dataset=model_dataset, threat=threat, checkpoint=checkpoint)
     elif isinstance(model_or_name, nn.Module):
         model = model_or_name
         label = model_label or type(model).__name__
@@ -275,7 +278,10 @@ def _load_model(model_or_name: Any, variant: registry.Variant | None, model_data
         raise BadInputError(f"model must be a registry name or a torch.nn.Module, got {type(model_or_name).__name__}")
     label = check_label(model_label if model_label is not None else label)
     fetched = getattr(model, "checkpoint_info", None)
-    if fetched is not None:
+    if planning and kind != "module":
+        info = {"source": "not loaded: planning needs no weights", "sha256": None, "path": None,
+                "provenance": None}
+    elif fetched is not None:
         info = {"source": str(fetched.source), "sha256": fetched.sha256, "path": str(fetched.path),
                 "provenance": fetched.provenance}
     elif checkpoint is not None:
@@ -382,9 +388,11 @@ def _absolute(path: Any) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-def prepare(model_or_name: Any, options: RunOptions, *, attacking: bool = True) -> Setup:
+def prepare(model_or_name: Any, options: RunOptions, *, attacking: bool = True, planning: bool = False) -> Setup:
     """The run's Setup. ``attacking=False`` (merge) skips what only attacking needs: the GPU memory probe
-    and the GPU-only precisions check (a bf16 run's shards may be merged on a CPU)."""
+    and the GPU-only precisions check (a bf16 run's shards may be merged on a CPU). ``planning`` (--dry-run)
+    downloads and reads nothing it can do without: the architecture with untrained weights, the data's count
+    and shape; its Setup has no configuration hash and no run folder unless one was given."""
     o = options
     threat = _check_choice(str(o.threat).lower(), THREATS, "threat")
     norm = NORMS[threat]
@@ -412,11 +420,12 @@ def prepare(model_or_name: Any, options: RunOptions, *, attacking: bool = True) 
     variant = _registry_variant(model_or_name, o.dataset, threat, o.checkpoint)
     eps_text, eps_value = _parse_eps(o.eps, variant.eps if variant else THREAT_TABLE[threat].default_eps)
 
-    evaldata = data_mod.load(o.dataset, o.n_ex, o.data, o.data_dir, o.data_root)
+    evaldata = (data_mod.for_planning if planning else data_mod.load)(o.dataset, o.n_ex, o.data, o.data_dir,
+                                                                      o.data_root)
     check_eps_range(eps_value, norm, int(np.prod(evaldata.x.shape[1:])), bool(o.allow_large_eps))
     shard_bounds(len(evaldata), shard[1])  # refuses more shards than examples before loading the model
     model, label, kind, ckpt, reported = _load_model(model_or_name, variant, o.dataset, threat, o.checkpoint,
-                                                     o.model_label)
+                                                     o.model_label, planning)
     channels_last = devices.is_gpu(dev) if o.channels_last is None else bool(o.channels_last)
     model = _prepare_model(model, dev, channels_last)
     num_classes = _check_outputs(model, evaldata, dev)
@@ -433,10 +442,13 @@ def prepare(model_or_name: Any, options: RunOptions, *, attacking: bool = True) 
         progress=True if o.progress is None else bool(o.progress))
     invocation = {"model": label if kind == "module" else model_or_name, "model_kind": kind,
                   **resolved.invocation()}
-    config = configuration(resolved, label=label, checkpoint=ckpt, data=evaldata, norm=norm, eps=eps_value,
-                           attacks=attack_list, shards=shard[1], engine_version=engine_cls.engine_version())
-    digest = config_hash(config)
-    run_dir = Path(o.run_dir).expanduser() if o.run_dir is not None else constants.cache_dir() / "runs" / digest[:16]
+    config, digest = {}, ""
+    if not planning:   # the hash needs the weights' and the data's own hashes
+        config = configuration(resolved, label=label, checkpoint=ckpt, data=evaldata, norm=norm, eps=eps_value,
+                               attacks=attack_list, shards=shard[1], engine_version=engine_cls.engine_version())
+        digest = config_hash(config)
+    run_dir = Path(o.run_dir).expanduser() if o.run_dir is not None else \
+        None if planning else constants.cache_dir() / "runs" / digest[:16]
     return Setup(opts=resolved, model=model, label=label, model_kind=kind, checkpoint=ckpt, data=evaldata,
                  num_classes=num_classes, norm=norm, eps=eps_value, attacks=attack_list,
                  engine_version=engine_cls.engine_version(), device=dev, shard=shard, dist=dist,

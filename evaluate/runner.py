@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from .attacks.compiled import compiled_for_attacks
 from .attacks.engine import AttackView, engine_class
 from .estimate import Plan, estimate, fmt_seconds, plan_text
 from .options import RunOptions
+from .progress import StageProgress
 from . import devices
 from .precision import autocast_dtype, cudnn_in_effect, precision_mode, strict_fp32, tf32_in_effect
 from .prepare import Setup, library_versions, prepare
@@ -50,38 +49,6 @@ class Live:
 
 
 # ---------------------------------------------------------------- progress
-
-
-class _Progress:
-    """tqdm bar on a terminal, a log line per chunk otherwise; silent on ranks other than 0."""
-
-    def __init__(self, enabled: bool, attack: str, stage: int, n_stages: int, total: int, done: int):
-        self.enabled = enabled
-        self.attack, self.total, self.done = attack, total, done
-        self.start_done, self.start_time = done, time.monotonic()
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-            width = shutil.get_terminal_size(fallback=(100, 24)).columns or 100
-            self.bar = tqdm(total=total, initial=done, desc=f"[{stage + 1}/{n_stages}] {attack}", unit="pt",
-                            file=sys.stderr, ncols=width)
-
-    def update(self, points: int, robust: int, n: int) -> None:
-        self.done += points
-        acc = 100.0 * robust / n if n else 0.0
-        if self.bar is not None:
-            self.bar.update(points)
-            self.bar.set_postfix_str(f"robust {acc:.2f}%")
-        elif self.enabled:
-            elapsed = time.monotonic() - self.start_time
-            rate = (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
-            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            log.info("%s: %d/%d points attacked, %d left, robust %.2f%% so far, ETA %s", self.attack, self.done,
-                     self.total, self.total - self.done, acc, fmt_seconds(eta))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ---------------------------------------------------------------- the loop
@@ -137,10 +104,13 @@ def _run_shard(setup: Setup, live: Live, state: ShardState, path: Path) -> None:
                 break
             batches = [plan[i:i + B] for i in range(0, len(plan), B)]
             done = sum(len(b) for b in batches[:state.batches_done])
-            bar = _Progress(show, attack, s, state.n_stages, len(plan), done)
+            bar = StageProgress(show, attack, s, state.n_stages, len(plan), done,
+                                sum(engine.cost_per_point(attack, setup.num_classes)))
+            view.listener = bar.passes
             try:
                 while state.batches_done < len(batches):
                     chunk = batches[state.batches_done: state.batches_done + K]
+                    bar.start_chunk(sum(len(p) for p in chunk))
                     t0 = time.perf_counter()
                     _attack_chunk(setup, engine, state, attack, s, chunk, x_all, y_all)
                     state.stage_seconds[s] += time.perf_counter() - t0
@@ -149,8 +119,9 @@ def _run_shard(setup: Setup, live: Live, state: ShardState, path: Path) -> None:
                     state.backward_images[s] += b
                     state.batches_done += len(chunk)
                     state.save(path)
-                    bar.update(sum(len(p) for p in chunk), int(state.robust.sum()), n)
+                    bar.end_chunk(sum(len(p) for p in chunk), int(state.robust.sum()), n)
             finally:
+                view.listener = None
                 bar.close()
             state.stage, state.batches_done = s + 1, 0
             state.stage_start_robust = state.robust.copy()
@@ -350,7 +321,7 @@ def _shrink_device_batch(setup: Setup, live: Live) -> bool:
 
 def plan(model_or_name: nn.Module | str, options: RunOptions | None = None, /, **overrides: Any) -> Plan:
     """What ``run`` with the same options would do and roughly what it costs; runs no attack."""
-    setup = prepare(model_or_name, RunOptions.build(options, **{**overrides, "progress": False}))
+    setup = prepare(model_or_name, RunOptions.build(options, **{**overrides, "progress": False}), planning=True)
     est = estimate(setup)
     return Plan(setup=setup, estimate=est, text=plan_text(setup, est))
 

@@ -312,3 +312,19 @@ def test_suite_paper_refuses_per_model_flags(capsys):
     assert "drop --model, --eps" in capsys.readouterr().err
     assert cli.main(["--suite", "paper", "--checkpoint", "x.pt"]) == 2
     assert "zoo download" in capsys.readouterr().err
+
+
+def test_dry_run_needs_neither_data_nor_weights(tmp_path, monkeypatch, capsys):
+    """Offline, nothing cached: the plan still comes (the architecture with untrained weights, the count)."""
+    monkeypatch.setenv("SCORE_ZOO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = cli.main(["--model", "score-wrn-28-10", "--n-ex", "100", "--device", "cpu", "--dry-run",
+                     "--results-dir", str(tmp_path / "results")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for needle in ("score-wrn-28-10 (36.48M parameters, 5.243 GMACs per image)", "planning needs no weights",
+                   "not read: planning needs only the count", "examples 0..99 (100)", "chosen at the start",
+                   "estimated time"):
+        assert needle in out, needle
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "results").exists()

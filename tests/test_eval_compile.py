@@ -13,6 +13,8 @@ from tests.support.faithful import (assert_same_as_reference as _assert_same_as_
                                     tiny_reference as _tiny_reference)
 from zoo.errors import BadInputError
 from zoo.evaluate import plan, run, runner
+from zoo.evaluate.options import RunOptions
+from zoo.evaluate.prepare import prepare
 from zoo.evaluate.attacks import compiled
 from zoo.evaluate.attacks.native.engine import NativeEngine
 from zoo.evaluate.cli import main as zoo_eval
@@ -70,10 +72,11 @@ def test_compile_mode_is_part_of_the_configuration(tmp_path, monkeypatch):
     kw = dict(data=data_file, model_label="tiny", results_dir=tmp_path / "res", device="cpu", eps=h.TINY_EPS)
     built = []
     monkeypatch.setattr(runner, "compiled_for_attacks", lambda *args, **kwargs: built.append(args))
-    eager = plan(h.train_tiny_cnn(), **kw)
-    fused = plan(h.train_tiny_cnn(), torch_compile="default", **kw)
-    assert fused.setup.config["torch_compile"] == "default" and eager.setup.config["torch_compile"] is None
-    assert fused.setup.config_hash != eager.setup.config_hash
+    eager = prepare(h.train_tiny_cnn(), RunOptions(**kw))
+    fused = prepare(h.train_tiny_cnn(), RunOptions(torch_compile="default", **kw))
+    assert fused.config["torch_compile"] == "default" and eager.config["torch_compile"] is None
+    assert fused.config_hash != eager.config_hash
+    plan(h.train_tiny_cnn(), torch_compile="default", **kw)
     assert built == []   # planning compiles nothing
 
 

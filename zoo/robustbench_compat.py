@@ -47,6 +47,16 @@ def is_robustbench_name(name: str, dataset: str, threat: str) -> bool:
         return False
 
 
+def architecture(name: str, dataset: str, threat: str):
+    """RobustBench's network for ``name`` with untrained weights (what --dry-run times): nothing downloaded."""
+    import_robustbench()
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    entry = model_dicts[BenchmarkDataset(dataset)][ThreatModel(_THREATS.get(threat, threat))][name]
+    return entry["model"]().eval()
+
+
 def load(name: str, dataset: str, threat: str, device=None):
     robustbench = import_robustbench()
     try:

@@ -10,7 +10,7 @@ implements the same interface and is checked against it.
 from __future__ import annotations
 
 import importlib
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -82,12 +82,17 @@ class AttackView(nn.Module):
         self.fp32_model = model if fp32_model is None else fp32_model   # eager, for checks in full precision
         self.forward_images = 0
         self.backward_images = 0
+        self.listener: Callable[[int], None] | None = None   # told every pass's image count (progress)
 
     def _count_backward(self, grad: torch.Tensor) -> None:
         self.backward_images += grad.shape[0]
+        if self.listener is not None:
+            self.listener(grad.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.forward_images += x.shape[0]
+        if self.listener is not None:
+            self.listener(x.shape[0])
         if self.autocast_dtype is not None:
             with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
                 out = self.model(x)
