@@ -6,35 +6,17 @@ Each command runs in a fresh interpreter, so nothing an earlier test imported ca
 from __future__ import annotations
 
 import ast
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.helpers import run_without_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "report"
 RECORDS = FIXTURES / "records"
 FINISHED = RECORDS / "cifar10" / "linf" / "score-wrn-28-10" / "20250301T120000Z-a1b2c3.json"  # 20 points
 PUBLISHED = FIXTURES / "robustbench_model_info"
-
-PROBE = """
-import json, sys
-from {module} import main
-code = main({argv})
-print(json.dumps({{"code": code, "torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))}}))
-"""
-
-
-def run_without_torch(module: str, argv: list[str], tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-c", PROBE.format(module=module, argv=repr(argv))], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["code"] == 0, proc.stderr[-3000:]
-    assert result["torch"] == [], f"{module} {argv} imported torch"
-
 
 @pytest.mark.parametrize("argv", [["ls"], ["ls", "*70*", "--dataset", "cifar100"], ["info", "score-wrn-28-10"],
                                   ["info", "score-wrn-28-10", "--json"]], ids=" ".join)

@@ -234,3 +234,23 @@ def tiny_registry_inputs(tmp_path: Path, monkeypatch, n: int = 6, seed: int = 5
     with torch.no_grad():
         y = net.eval()(x).argmax(1)
     return ckpt, write_npz(tmp_path / "d.npz", x, y), x, y
+
+
+# ---------------------------------------------------------------- imports a command makes
+
+PROBE = """
+import json, sys
+from {module} import main
+code = main({argv})
+print(json.dumps({{"code": code, "torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))}}))
+"""
+
+
+def run_without_torch(module: str, argv: list[str], tmp_path: Path) -> None:
+    """Run ``module``'s ``main(argv)`` in a fresh interpreter; it must succeed without importing torch."""
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(module=module, argv=repr(argv))], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0, proc.stderr[-3000:]
+    assert result["torch"] == [], f"{module} {argv} imported torch"
