@@ -16,13 +16,10 @@ import numpy as np
 import torch
 
 from zoo import constants
+from zoo.domain import DATASET_TABLE, Dataset
 from zoo.errors import BadInputError, DataError, DownloadError, OfflineError
 from zoo.fileio import sha256_file
 
-CIFAR_TEST_SIZE = 10000
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
-_TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-python.tar.gz", "cifar-10-batches-py"),
-                "cifar100": ("CIFAR100", "cifar-100-python.tar.gz", "cifar-100-python")}
 
 
 @dataclass(frozen=True)
@@ -67,15 +64,21 @@ def for_planning(dataset: str, n_ex: int | None, data: str | Path | None, data_d
     the count and image shape (blank images: planning times the model, it does not classify)."""
     if data is not None or data_root is not None:
         return load(dataset, n_ex, data, data_dir, data_root)
-    if dataset not in _TORCHVISION:
-        raise DataError(f"unknown dataset {dataset!r}", hint=f"use one of {sorted(_TORCHVISION)}, "
-                                                             "or --data FILE.npz for your own images")
-    n = _check_n_ex(CIFAR_TEST_SIZE if n_ex is None else n_ex, CIFAR_TEST_SIZE, f"the {dataset} test set")
+    entry, n = _cifar(dataset, n_ex)
     x = torch.zeros(1, 3, 32, 32).expand(n, 3, 32, 32)   # a view: no memory for n images
     source = {"source": "torchvision", "name": dataset, "path": None, "sha256": None, "n": n,
               "content_sha256": None, "planned": True}
     return EvalData(x=x, y=torch.zeros(n, dtype=torch.int64), indices=tuple(range(n)), dataset=dataset,
-                    num_classes=NUM_CLASSES[dataset], source=source)
+                    num_classes=entry.num_classes, source=source)
+
+
+def _cifar(dataset: str, n_ex: int | None) -> tuple[Dataset, int]:
+    """The data set's table entry and how many of its test images to take; unknown names fail here."""
+    if dataset not in DATASET_TABLE:
+        raise DataError(f"unknown dataset {dataset!r}", hint=f"use one of {sorted(DATASET_TABLE)}, "
+                                                             "or --data FILE.npz for your own images")
+    entry = DATASET_TABLE[dataset]
+    return entry, _check_n_ex(entry.test_size if n_ex is None else n_ex, entry.test_size, f"the {dataset} test set")
 
 
 def _check_n_ex(n_ex: int | None, available: int, what: str) -> int:
@@ -90,12 +93,9 @@ def _check_n_ex(n_ex: int | None, available: int, what: str) -> int:
 
 
 def load_cifar(dataset: str, n_ex: int | None = None, data_dir: str | Path | None = None) -> EvalData:
-    if dataset not in _TORCHVISION:
-        raise DataError(f"unknown dataset {dataset!r}", hint=f"use one of {sorted(_TORCHVISION)}, "
-                                                                  "or --data FILE.npz for your own images")
-    n_ex = _check_n_ex(CIFAR_TEST_SIZE if n_ex is None else n_ex, CIFAR_TEST_SIZE, f"the {dataset} test set")
+    entry, n_ex = _cifar(dataset, n_ex)
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    cls_name, archive, folder = _TORCHVISION[dataset]
+    cls_name, archive, folder = entry.torchvision_class, entry.archive, entry.folder
     import torchvision
 
     cls = getattr(torchvision.datasets, cls_name)
@@ -124,10 +124,8 @@ def load_cifar_root(dataset: str, n_ex: int | None, data_root: str | Path) -> Ev
     torchvision checks every file of the folder against the published md5 sums before reading; the record
     keeps the sha256 of each test file, so the run counts as the real data set (RobustBench-eligible).
     """
-    if dataset not in _TORCHVISION:
-        raise DataError(f"unknown dataset {dataset!r}", hint=f"use one of {sorted(_TORCHVISION)}")
-    n_ex = _check_n_ex(CIFAR_TEST_SIZE if n_ex is None else n_ex, CIFAR_TEST_SIZE, f"the {dataset} test set")
-    cls_name, archive, folder = _TORCHVISION[dataset]
+    entry, n_ex = _cifar(dataset, n_ex)
+    cls_name, archive, folder = entry.torchvision_class, entry.archive, entry.folder
     root = Path(data_root).expanduser().resolve()
     if root.name == folder:   # the unpacked folder itself was named
         root = root.parent
@@ -149,7 +147,7 @@ def load_cifar_root(dataset: str, n_ex: int | None, data_root: str | Path) -> Ev
 def _from_torchvision(ds, n_ex: int, dataset: str, source: dict[str, Any]) -> EvalData:
     x = _from_uint8_nhwc(np.asarray(ds.data[:n_ex]))
     y = np.asarray(ds.targets[:n_ex], dtype=np.int64)
-    return _finish(x, y, dataset, NUM_CLASSES[dataset], source)
+    return _finish(x, y, dataset, DATASET_TABLE[dataset].num_classes, source)
 
 
 def load_file(path: str | Path, n_ex: int | None = None) -> EvalData:

@@ -20,6 +20,7 @@ import yaml
 
 from . import constants, registry
 from .checkpoint import load_into, read_state_dict
+from .domain import DATASET_TABLE, NORMS
 from .errors import BadInputError, OfflineError, ZooError
 from .fetch import HUB_TRANSPORT_ERRORS, Fetched, fetch, fetch_local
 from .fileio import atomic_write_bytes, atomic_write_text
@@ -29,11 +30,9 @@ from .registry import ModelInfo, Variant
 WEIGHTS_FILE = "model.safetensors"
 FILES = (WEIGHTS_FILE, "config.json", "README.md")
 #: RobustBench's CIFAR leaderboards (the registry's reported numbers) evaluate the full 10,000-image test set.
-REPORTED_N_EXAMPLES = 10_000
+REPORTED_N_EXAMPLES = DATASET_TABLE["cifar10"].test_size   # RobustBench reports on the full CIFAR test sets
 DEFAULT_LICENSE = "other"  # the upstream release states no licence in the registry: don't invent one
 
-_NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
-_DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 
 
 @dataclass(frozen=True)
@@ -162,7 +161,7 @@ def model_card(model: ModelInfo, variant: Variant, repo_id: str, upstream: Fetch
                license: str = DEFAULT_LICENSE) -> str:
     """README.md: YAML front matter with ``model-index`` results, then a human-readable card."""
     paper = model.paper
-    norm = _NORMS[variant.threat]
+    norm = NORMS[variant.threat]
     results = [_result(variant.dataset, variant.reported["clean_acc"], variant.reported["autoattack_acc"],
                        {"attack": "AutoAttack (standard)", "norm": norm, "eps": variant.eps,
                         "n_examples": REPORTED_N_EXAMPLES},
@@ -187,7 +186,7 @@ def model_card(model: ModelInfo, variant: Variant, repo_id: str, upstream: Fetch
             f"| {entry['metrics'][1]['args']['n_examples']} |" for entry in results]
     arch = model.architecture
     body = f"""
-# {model.name} ({_DATASET_NAMES[variant.dataset]}, {norm}, eps = {variant.eps})
+# {model.name} ({DATASET_TABLE[variant.dataset].label}, {norm}, eps = {variant.eps})
 
 {arch.label} ({arch.activation}) from *{paper.title}* ({', '.join(paper.authors)}, {paper.venue}) — {paper.link}.
 RobustBench id: `{model.robustbench_id}`.{f' Upstream code: {paper.code}.' if paper.code else ''}
@@ -221,7 +220,7 @@ read with `torch.load(weights_only=True)`, loaded strictly into the architecture
 def _result(dataset: str, clean: float, robust: float, args: dict, source: dict) -> dict:
     return {
         "task": {"type": "image-classification", "name": "Image Classification"},
-        "dataset": {"type": dataset, "name": _DATASET_NAMES[dataset], "split": "test"},
+        "dataset": {"type": dataset, "name": DATASET_TABLE[dataset].label, "split": "test"},
         "metrics": [
             {"type": "accuracy", "name": "Clean accuracy", "value": float(clean), "verified": False},
             {"type": "accuracy", "name": f"AutoAttack robust accuracy ({args['norm']}, eps={args['eps']})",

@@ -14,9 +14,10 @@ import sys
 import warnings
 
 from . import autoattack_compat
+from .domain import THREAT_TABLE
 from .errors import DownloadError, ZooError
 
-_THREATS = {"linf": "Linf", "l2": "L2", "corruptions": "corruptions"}
+_THREATS = {**{t.name: t.robustbench for t in THREAT_TABLE.values()}, "corruptions": "corruptions"}
 
 
 def import_robustbench():
