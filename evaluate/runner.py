@@ -306,6 +306,9 @@ def run(model_or_name: nn.Module | str, options: RunOptions | None = None, /, **
     the score-zoo cache, keyed by the configuration hash). The module is put in eval mode with frozen
     parameters, on ``device``.
     """
+    if str(RunOptions.build(options, **overrides).threat).lower() == "corruptions":   # no attack: corruptions.py
+        from . import corruptions
+        return corruptions.run(model_or_name, options, **overrides)
     setup = prepare(model_or_name, RunOptions.build(options, **overrides))
     live = Live(device_batch=setup.device_batch)
     while True:
@@ -364,6 +367,9 @@ def merge(run_dir: str | Path, model: nn.Module | None = None, results_dir: str 
     """
     run_dir = Path(run_dir).expanduser()
     doc = read_config(run_dir)
+    if doc["config"].get("kind") == "corruptions":
+        from . import corruptions
+        return corruptions.merge(run_dir, model, results_dir, device)
     inv = doc["invocation"]
     if inv["model_kind"] == "module" and model is None:
         raise BadInputError(f"{run_dir} was started from Python with a custom module ({inv['model']})",
