@@ -232,7 +232,8 @@ def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> Ru
                "fp32_rejected_successes": merged.rejected, "decision_ties": ties,
                "pass_counts": "images through the model inside the attacks (forward / backward)",
                "model_dataset": o.dataset, "run_dir": str(setup.run_dir.resolve()),
-               "finished": _now()})
+               "finished": _now()},
+        trained_threat=o.trained_threat)   # differs from threat when a checkpoint is evaluated cross-threat
     record.validate()
     json_path = setup.results_dir / record.relative_path()
     pe.write(per_example_path(json_path))   # arrays first: the JSON never points at a missing file
