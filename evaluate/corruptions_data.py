@@ -11,6 +11,7 @@ Pure numpy and urllib: no torch here.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.client
 import logging
@@ -136,7 +137,12 @@ def locate(dataset: str, data_root: str | Path | None, data_dir: str | Path | No
     if not folder.is_dir():
         if not download:
             raise DataError(f"{folder} does not exist", hint="download it first (zoo-eval --threat corruptions)")
-        download_archive(archive, base, progress=progress)
+        base.mkdir(parents=True, exist_ok=True)
+        # shards and torchrun ranks start together: one downloads, the others wait for it and find the folder
+        with open(base / f".{archive.folder}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not folder.is_dir():
+                download_archive(archive, base, progress=progress)
     return check_layout(folder)
 
 

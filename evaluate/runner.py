@@ -354,6 +354,9 @@ def _shrink_device_batch(setup: Setup, live: Live) -> bool:
 
 def plan(model_or_name: nn.Module | str, options: RunOptions | None = None, /, **overrides: Any) -> Plan:
     """What ``run`` with the same options would do and roughly what it costs; runs no attack."""
+    if str(RunOptions.build(options, **overrides).threat).lower() == "corruptions":
+        raise BadInputError("--dry-run estimates attack runs; --threat corruptions is one fp32 forward pass per "
+                            "image of 75 sets", hint="run it directly (it is resumable and shows an ETA)")
     setup = prepare(model_or_name, RunOptions.build(options, **{**overrides, "progress": False}))
     est = estimate(setup)
     return Plan(setup=setup, estimate=est, text=plan_text(setup, est))

@@ -162,7 +162,7 @@ def test_checksum_mismatch_deletes_and_writes_nothing(standin, tmp_path, monkeyp
     monkeypatch.setitem(cd.ARCHIVES, "cifar10", dataclasses.replace(cd.ARCHIVES["cifar10"], md5="0" * 32))
     with pytest.raises(DownloadError, match="md5"):
         cd.locate("cifar10", None, tmp_path / "dd")
-    assert sorted(p.name for p in (tmp_path / "dd").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "dd").iterdir()) == [".CIFAR-10-C.lock"]   # the download lock
 
 
 def test_broken_off_download_keeps_the_part_for_resuming_and_no_folder(standin, tmp_path):
@@ -182,7 +182,7 @@ def test_truncated_archive_with_its_checksum_is_refused_unpacked_nowhere(standin
                         dataclasses.replace(cd.ARCHIVES["cifar10"], md5=hashlib.md5(cut).hexdigest()))
     with pytest.raises(DataError, match="cannot be unpacked|is missing|shape"):
         cd.locate("cifar10", None, tmp_path / "dd")
-    assert [p.name for p in (tmp_path / "dd").iterdir() if not p.name.endswith(".part")] == []
+    assert [p.name for p in (tmp_path / "dd").iterdir() if not p.name.endswith((".part", ".lock"))] == []
 
 
 def test_unreachable_server_and_offline_mode_name_data_root(standin, tmp_path, monkeypatch):
@@ -296,3 +296,11 @@ def test_real_net_on_imagecorruptions_standins_end_to_end(tmp_path, monkeypatch)
                 direct.append((net(xs).argmax(1) == y).float().mean().item())
     assert record.robust.correct / record.robust.total == pytest.approx(np.mean(direct))
     assert record.clean.percent > 40
+
+
+def test_concurrent_shards_download_once(standin, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: cd.locate("cifar10", None, tmp_path / "dd").per_severity, range(3)))
+    assert results == [N, N, N]
+    assert len(standin["server"].requests) == 1
