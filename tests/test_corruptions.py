@@ -304,3 +304,25 @@ def test_concurrent_shards_download_once(standin, tmp_path):
         results = list(pool.map(lambda _: cd.locate("cifar10", None, tmp_path / "dd").per_severity, range(3)))
     assert results == [N, N, N]
     assert len(standin["server"].requests) == 1
+
+
+def test_cli_registry_checkpoint_shards_resume_and_merge(standin, tmp_path, monkeypatch, capsys):
+    from zoo.evaluate import cli
+    h.use_registry(monkeypatch, h.tiny_registry(tmp_path))
+    ckpt = h.tiny_wrn_checkpoint(tmp_path)
+    run_dir = tmp_path / "run"
+    base = ["--model", h.TINY_REGISTRY_MODEL, "--checkpoint", str(ckpt), "--threat", "corruptions",
+            "--data", str(standin["clean_file"]), "--data-root", str(standin["folder"]), "--batch-size", "4",
+            "--device", "cpu", "--results-dir", str(tmp_path / "results"), "--no-progress", "--run-dir", str(run_dir)]
+    assert cli.main(base + ["--shard", "0/2"]) == 2   # cifar10 linf and l2 checkpoints: which one?
+    assert "--trained-threat" in capsys.readouterr().err
+    base += ["--trained-threat", "linf"]
+    assert cli.main(base + ["--shard", "0/2"]) == 0
+    assert "once every shard is" in capsys.readouterr().out
+    assert cli.main(["--resume", str(run_dir), "--shard", "1/2"]) == 0
+    out = capsys.readouterr().out
+    assert "shot_noise" in out and "corruptions" in out and "trained for linf" in out
+    [first] = (tmp_path / "results").rglob("*.json")
+    assert cli.main(["merge", str(run_dir)]) == 0
+    record = RunRecord.read(first)
+    assert record.kind == "corruptions" and record.trained_threat == "linf" and record.extra["shards"] == 2
