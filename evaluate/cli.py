@@ -113,7 +113,10 @@ def _summary(record) -> str:
     lines = [f"{record.model}  {record.dataset} {record.threat} eps={record.eps}  {record.version}  "
              f"n={record.n_ex}  seed={record.seed}  batch={record.batch_size}", row("clean", record.clean)]
     lines += [row(s.attack, s.robust, f"  {s.seconds:.1f} s") for s in record.stages]
-    lines.append(row("robust", record.robust))
+    lines += [f"  {c:<18} " + " ".join(f"{p:6.2f}" for p in accs) for c, accs in record.corruption_percent.items()]
+    lines.append(row("corruptions" if record.kind == "corruptions" else "robust", record.robust))
+    if record.trained_threat and record.trained_threat != record.threat:
+        lines.append(f"  (checkpoint trained for {record.trained_threat}, evaluated under {record.threat})")
     return "\n".join(lines)
 
 

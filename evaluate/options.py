@@ -38,6 +38,11 @@ def _threats():
     return THREATS
 
 
+def _norm_threats():
+    from zoo.domain import NORM_THREATS
+    return NORM_THREATS
+
+
 def _precisions():
     from zoo.domain import PRECISIONS
     return PRECISIONS
@@ -65,6 +70,10 @@ class RunOptions:
     dataset: str = _option("cifar10", "cifar10 or cifar100 (the test set, and the registry variant to load)",
                            hashed=DERIVED)
     threat: str = _option("linf", "threat model", hashed=VALUE, choices=_threats)
+    trained_threat: str | None = _option(None, "evaluate the registry checkpoint trained for this threat under "
+                                               "--threat (default: the one trained for --threat, else the data "
+                                               "set's only checkpoint); the record names both",
+                                         hashed=VALUE, choices=_norm_threats)
     eps: str | float | None = _option(None, "perturbation budget, e.g. 8/255 or 0.5 (default: the registry "
                                             "variant's, else 8/255 linf, 0.5 l2, 12 l1)", hashed=DERIVED)
     allow_large_eps: bool = _option(False, "accept an eps that covers the whole image space (e.g. linf eps >= 1)",

@@ -24,12 +24,12 @@ from torch import nn
 
 import zoo
 from zoo import constants, registry, robustbench_compat
-from zoo.domain import NORMS, PRECISIONS, THREAT_TABLE, THREATS, parse_eps
+from zoo.domain import NORM_THREATS, NORMS, PRECISIONS, THREAT_TABLE, THREATS, parse_eps
 from zoo.errors import BadInputError, UnknownModelError, ZooError
 from zoo.models import build_model
 
 from . import data as data_mod
-from . import devices, model_source
+from . import cross_threat, devices, model_source
 from .attacks.compiled import COMPILE_MODES
 from .attacks.engine import KNOWN_ATTACKS, VERSIONS, AttackView, Engine, engine_class, make_engine
 from .options import RunOptions, hashed_values
@@ -222,8 +222,8 @@ def _tensors_sha256(named: Any) -> str:
     return digest.hexdigest()
 
 
-def _registry_variant(model_or_name: Any, model_dataset: str, threat: str,
-                      checkpoint: str | Path | None) -> registry.Variant | None:
+def _registry_variant(model_or_name: Any, model_dataset: str, threat: str, checkpoint: str | Path | None,
+                      trained_threat: str | None = None) -> registry.Variant | None:
     """The registry entry a run will evaluate (None for modules and RobustBench names). Unknown names,
     variants and missing checkpoint files fail here, before any data or weights are downloaded."""
     if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
@@ -243,11 +243,12 @@ def _registry_variant(model_or_name: Any, model_dataset: str, threat: str,
     if kind != "registry":
         return None
     try:
-        return registry.info(model_or_name).variant(model_dataset, threat)
+        info = registry.info(model_or_name)
     except UnknownModelError:
         if checkpoint is not None or not robustbench_compat.is_robustbench_name(model_or_name, model_dataset, threat):
             raise
-    return None
+        return None
+    return cross_threat.pick_variant(info, model_dataset, threat, trained_threat)
 
 
 def _load_model(model_or_name: Any, variant: registry.Variant | None, model_dataset: str, threat: str,
@@ -255,7 +256,8 @@ def _load_model(model_or_name: Any, variant: registry.Variant | None, model_data
                 ) -> tuple[nn.Module, str, str, dict[str, Any], dict[str, float]]:
     """(module, label, kind, checkpoint info, reported accuracies) for a model string (see model_source)
     or a module. ``planning``: the architecture with untrained weights, nothing downloaded or read."""
-    reported: dict[str, float] = dict(variant.reported) if variant else {}
+    reported: dict[str, float] = dict(variant.reported) if variant and variant.threat == threat else {}
+    threat = variant.threat if variant else threat   # the checkpoint trained for it (cross_threat)
     if isinstance(model_or_name, str):
         name = model_or_name
         kind = model_source.kind_of(name)
@@ -395,7 +397,12 @@ def prepare(model_or_name: Any, options: RunOptions, *, attacking: bool = True, 
     and shape; its Setup has no configuration hash and no run folder unless one was given."""
     o = options
     threat = _check_choice(str(o.threat).lower(), THREATS, "threat")
+    if threat not in NORMS:
+        raise BadInputError(f"threat {threat!r} has no norm ball for AutoAttack",
+                            hint="zoo.evaluate.corruptions.run evaluates it (zoo-eval --threat corruptions)")
     norm = NORMS[threat]
+    if o.trained_threat is not None:
+        _check_choice(o.trained_threat, NORM_THREATS, "trained threat")
     _check_choice(o.precision, PRECISIONS, "precision")
     if o.torch_compile is not None:
         _check_choice(o.torch_compile, COMPILE_MODES, "torch.compile mode")
@@ -417,8 +424,9 @@ def prepare(model_or_name: Any, options: RunOptions, *, attacking: bool = True, 
 
     if o.model_label is not None:
         check_label(o.model_label)   # before any download or data loading
-    variant = _registry_variant(model_or_name, o.dataset, threat, o.checkpoint)
-    eps_text, eps_value = _parse_eps(o.eps, variant.eps if variant else THREAT_TABLE[threat].default_eps)
+    variant = _registry_variant(model_or_name, o.dataset, threat, o.checkpoint, o.trained_threat)
+    eps_text, eps_value = _parse_eps(o.eps, variant.eps if variant and variant.threat == threat
+                                     else THREAT_TABLE[threat].default_eps)
 
     evaldata = (data_mod.for_planning if planning else data_mod.load)(o.dataset, o.n_ex, o.data, o.data_dir,
                                                                       o.data_root)
@@ -435,7 +443,7 @@ def prepare(model_or_name: Any, options: RunOptions, *, attacking: bool = True, 
         model, tuple(evaldata.x.shape[1:]), dev, len(evaldata), o.precision)
     resolved = dataclasses.replace(
         o, threat=threat, eps=eps_text, n_ex=len(evaldata), data=_absolute(o.data), data_dir=_absolute(o.data_dir),
-        data_root=_absolute(o.data_root),
+        data_root=_absolute(o.data_root), trained_threat=variant.threat if variant else None,
         attacks=attack_list if o.version == "custom" else None, seed=int(o.seed), batch_size=batch_size,
         device=devices.kind(dev), results_dir=_absolute(results_dir), checkpoint=_absolute(o.checkpoint),
         channels_last=channels_last, chunk_batches=int(o.chunk_batches),

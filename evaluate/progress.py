@@ -26,8 +26,8 @@ def interactive() -> bool:
 
 class StageProgress:
     def __init__(self, enabled: bool, attack: str, stage: int, n_stages: int, points: int, points_done: int,
-                 per_point: int, log_every: float = 60.0):
-        self.enabled, self.attack, self.log_every = enabled, attack, log_every
+                 per_point: int, log_every: float = 60.0, measure: str = "robust"):
+        self.enabled, self.attack, self.log_every, self.measure = enabled, attack, log_every, measure
         self.per_point = max(1, per_point)
         self.points, self.points_done = points, points_done
         self.total = points * self.per_point
@@ -61,7 +61,7 @@ class StageProgress:
 
     def end_chunk(self, points: int, robust: int, n: int) -> None:
         self.points_done += points
-        self.robust_text = f"robust {100.0 * robust / n:.2f}% so far" if n else ""
+        self.robust_text = f"{self.measure} {100.0 * robust / n:.2f}% so far" if n else ""
         before, self.done = self.done, self.points_done * self.per_point
         if self.bar is not None:
             self.bar.update(self.done - before)

@@ -22,7 +22,11 @@ from zoo.fileio import atomic_write_bytes, atomic_write_text
 
 from .stats import clopper_pearson
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions still read: 1 (before corruptions records and trained_threat) reads with their defaults.
+READABLE_SCHEMA_VERSIONS = (1, 2)
+#: What a record measured: robust accuracy under AutoAttack, or accuracy on common corruptions.
+KINDS = ("autoattack", "corruptions")
 
 
 def percent(count: int, total: int) -> float:
@@ -73,7 +77,7 @@ class RunRecord:
     run_id: str
     model: str                    # registry name, or a user label for custom modules
     dataset: str                  # cifar10 | cifar100 | custom
-    threat: str                   # linf | l2 | l1
+    threat: str                   # linf | l2 | l1 | corruptions
     norm: str                     # AutoAttack spelling: Linf | L2 | L1
     eps: str                      # as given, e.g. "8/255"
     eps_value: float
@@ -96,6 +100,11 @@ class RunRecord:
     complete: bool = True
     per_example_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # schema 2:
+    kind: str = "autoattack"
+    trained_threat: str | None = None   # the threat the checkpoint was trained for (None: not a registry model)
+    # kind corruptions: {corruption: [Accuracy of severity 1..5]}, RobustBench's order; ``robust`` is their mean
+    corruptions: dict[str, tuple[Accuracy, ...]] | None = None
 
     @property
     def n_ex(self) -> int:
@@ -109,6 +118,8 @@ class RunRecord:
                 value = value.to_dict()
             elif f.name == "stages":
                 value = [s.to_dict() for s in value]
+            elif f.name == "corruptions" and value is not None:
+                value = {c: [a.to_dict() for a in accs] for c, accs in value.items()}
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
@@ -119,9 +130,10 @@ class RunRecord:
     def from_dict(cls, data: Any, origin: str = "record") -> "RunRecord":
         if not isinstance(data, dict):
             raise RecordError(f"{origin}: not a JSON object")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise RecordError(f"{origin}: schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
-        names = {f.name for f in dataclasses.fields(cls)}
+        version = data.get("schema_version")
+        if version not in READABLE_SCHEMA_VERSIONS or isinstance(version, bool):
+            raise RecordError(f"{origin}: schema_version {version!r}, expected one of {READABLE_SCHEMA_VERSIONS}")
+        names = {f.name for f in dataclasses.fields(cls)} - (_SCHEMA2_FIELDS if version == 1 else set())
         required = {f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
         missing = sorted(required - set(data))
@@ -148,6 +160,9 @@ class RunRecord:
                 for s in data["stages"])
             kwargs["attacks"] = tuple(data["attacks"])
             kwargs["indices"] = tuple(int(i) for i in data["indices"])
+            if data.get("corruptions") is not None:
+                kwargs["corruptions"] = {str(c): tuple(_accuracy(a) for a in accs)
+                                         for c, accs in data["corruptions"].items()}
             record = cls(**kwargs)
             record.validate(origin)
         except BadInputError:
@@ -157,6 +172,12 @@ class RunRecord:
         return record
 
     def validate(self, origin: str = "record") -> None:
+        if self.kind not in KINDS:
+            raise RecordError(f"{origin}: unknown kind {self.kind!r} (expected one of {KINDS})")
+        if self.kind == "corruptions":
+            return self._validate_corruptions(origin)
+        if self.corruptions is not None:
+            raise RecordError(f"{origin}: an autoattack record with corruption accuracies")
         problems = []
         if self.clean.total != self.n_ex or self.robust.total != self.n_ex:
             problems.append("accuracy totals differ from the number of indices")
@@ -173,6 +194,28 @@ class RunRecord:
             problems.append("the last stage's robust count differs from the robust accuracy")
         if problems:
             raise RecordError(f"{origin}: inconsistent record: " + "; ".join(problems))
+
+    def _validate_corruptions(self, origin: str) -> None:
+        problems = []
+        sets = self.corruptions or {}
+        if not sets:
+            problems.append("no corruption accuracies")
+        if any(len(accs) != 5 for accs in sets.values()):
+            problems.append("every corruption needs 5 severities")
+        if any(a.total != self.n_ex or not 0 <= a.correct <= a.total for accs in sets.values() for a in accs):
+            problems.append("a corruption accuracy does not count the record's examples")
+        if sets and (self.robust.correct != sum(a.correct for accs in sets.values() for a in accs)
+                     or self.robust.total != self.n_ex * 5 * len(sets)):
+            problems.append("the mean corruption accuracy (robust) is not the sum over the sets")
+        if self.clean.total != self.n_ex:
+            problems.append("clean accuracy total differs from the number of indices")
+        if problems:
+            raise RecordError(f"{origin}: inconsistent corruptions record: " + "; ".join(problems))
+
+    @property
+    def corruption_percent(self) -> dict[str, list[float]]:
+        """{corruption: [accuracy in % of severity 1..5]} (corruptions records; empty otherwise)."""
+        return {c: [a.percent for a in accs] for c, accs in (self.corruptions or {}).items()}
 
     @classmethod
     def read(cls, path: str | Path) -> "RunRecord":
@@ -203,10 +246,16 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "seed": ((int,), "an integer"),
     "batch_size": ((int,), "an integer"),
     "complete": ((bool,), "true or false"),
+    "kind": ((str,), "a string"),
+    "trained_threat": ((str, type(None)), "a string or null"),
+    "corruptions": ((dict, type(None)), "an object or null"),
     "per_example_file": ((str, type(None)), "a string or null"),
     **{k: ((dict,), "an object") for k in ("libraries", "checkpoint", "data", "extra", "clean", "robust")},
     **{k: ((list,), "a list") for k in ("attacks", "indices", "stages")},
 }
+
+
+_SCHEMA2_FIELDS = {"kind", "trained_threat", "corruptions"}
 
 
 def _is_type(value: Any, types: tuple[type, ...]) -> bool:

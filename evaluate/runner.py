@@ -203,7 +203,8 @@ def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> Ru
                "fp32_rejected_successes": merged.rejected, "decision_ties": ties,
                "pass_counts": "images through the model inside the attacks (forward / backward)",
                "model_dataset": o.dataset, "run_dir": str(setup.run_dir.resolve()),
-               "finished": _now()})
+               "finished": _now()},
+        trained_threat=o.trained_threat)   # differs from threat when a checkpoint is evaluated cross-threat
     record.validate()
     json_path = setup.results_dir / record.relative_path()
     pe.write(per_example_path(json_path))   # arrays first: the JSON never points at a missing file
@@ -277,6 +278,9 @@ def run(model_or_name: nn.Module | str, options: RunOptions | None = None, /, **
     the score-zoo cache, keyed by the configuration hash). The module is put in eval mode with frozen
     parameters, on ``device``.
     """
+    if str(RunOptions.build(options, **overrides).threat).lower() == "corruptions":   # no attack: corruptions.py
+        from . import corruptions
+        return corruptions.run(model_or_name, options, **overrides)
     setup = prepare(model_or_name, RunOptions.build(options, **overrides))
     live = Live(device_batch=setup.device_batch)
     while True:
@@ -321,6 +325,9 @@ def _shrink_device_batch(setup: Setup, live: Live) -> bool:
 
 def plan(model_or_name: nn.Module | str, options: RunOptions | None = None, /, **overrides: Any) -> Plan:
     """What ``run`` with the same options would do and roughly what it costs; runs no attack."""
+    if str(RunOptions.build(options, **overrides).threat).lower() == "corruptions":
+        raise BadInputError("--dry-run estimates attack runs; --threat corruptions is one fp32 forward pass per "
+                            "image of 75 sets", hint="run it directly (it is resumable and shows an ETA)")
     setup = prepare(model_or_name, RunOptions.build(options, **{**overrides, "progress": False}), planning=True)
     est = estimate(setup)
     return Plan(setup=setup, estimate=est, text=plan_text(setup, est))
@@ -335,6 +342,9 @@ def merge(run_dir: str | Path, model: nn.Module | None = None, results_dir: str 
     """
     run_dir = Path(run_dir).expanduser()
     doc = read_config(run_dir)
+    if doc["config"].get("kind") == "corruptions":
+        from . import corruptions
+        return corruptions.merge(run_dir, model, results_dir, device)
     inv = doc["invocation"]
     if inv["model_kind"] == "module" and model is None:
         raise BadInputError(f"{run_dir} was started from Python with a custom module ({inv['model']})",

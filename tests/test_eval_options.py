@@ -66,7 +66,8 @@ def test_saved_invocation_rebuilds_every_saved_option():
     changed = RunOptions(dataset="cifar100", threat="l2", eps="0.25", n_ex=7, data="/d.npz", data_dir="/dd",
                          data_root="/dr", version="custom", attacks=("apgd-ce", "square"), seed=3, batch_size=5,
                          device="cuda", precision="tf32", engine="native", results_dir="/r", checkpoint="/c.pt",
-                         model_label="m", channels_last=False, torch_compile="default", allow_large_eps=True)
+                         model_label="m", channels_last=False, torch_compile="default", allow_large_eps=True,
+                         trained_threat="l2")
     saved = {name for name, f in FIELDS.items() if f.metadata["saved"]}
     differs = {name for name in FIELDS if getattr(changed, name) != getattr(RunOptions(), name)}
     assert saved <= differs, f"give these saved options a non-default value here: {sorted(saved - differs)}"
@@ -99,10 +100,11 @@ def test_hashed_options_change_the_configuration_and_the_others_do_not(base):
                                                   if f.metadata["hashed"] == opt.NOT_HASHED}
     for name, value in same.items():
         assert prepare(model, dataclasses.replace(options, **{name: value})).config_hash == reference.config_hash, name
-    # not varied above: dataset, data_dir, data_root and checkpoint need CIFAR or a registry model; precision and
-    # device a GPU (tests/test_gpu_paths.py runs ranks on different devices into one configuration)
+    # not varied above: dataset, data_dir, data_root, checkpoint and trained_threat need CIFAR or a registry model
+    # (trained_threat: tests/test_cross_threat.py); precision and device a GPU (tests/test_gpu_paths.py runs ranks on
+    # different devices into one configuration)
     assert set(FIELDS) - set(changes) - set(same) == {"dataset", "data_dir", "data_root", "checkpoint", "precision",
-                                                      "device"}
+                                                      "device", "trained_threat"}
 
 
 def changes_for(name, value):

@@ -170,7 +170,7 @@ def test_progress_bar_on_a_terminal_and_log_lines_otherwise(monkeypatch, caplog)
     import logging
     import sys
 
-    from zoo.evaluate.runner import _Progress
+    from zoo.evaluate.progress import StageProgress
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -178,17 +178,22 @@ def test_progress_bar_on_a_terminal_and_log_lines_otherwise(monkeypatch, caplog)
 
     term = Terminal()
     monkeypatch.setattr(sys, "stderr", term)
-    bar = _Progress(True, "apgd-t", 1, 4, total=20, done=5)
-    bar.update(10, robust=7, n=40)
+    bar = StageProgress(True, "apgd-t", 1, 4, points=20, points_done=5, per_point=1)
+    bar.start_chunk(10)
+    bar.end_chunk(10, robust=7, n=40)
     bar.close()
-    assert "[2/4] apgd-t" in term.getvalue() and "15/20" in term.getvalue() and "robust 17.50%" in term.getvalue()
+    assert "[2/4] apgd-t" in term.getvalue() and "robust 17.50%" in term.getvalue()
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     with caplog.at_level(logging.INFO, logger="zoo.evaluate"):
-        bar = _Progress(True, "square", 3, 4, total=20, done=0)
-        bar.update(5, robust=3, n=40)
-        _Progress(False, "square", 3, 4, total=20, done=0).update(5, robust=3, n=40)  # ranks > 0: silent
+        bar = StageProgress(True, "square", 3, 4, points=20, points_done=0, per_point=1)
+        bar.start_chunk(5)
+        bar.end_chunk(5, robust=3, n=40)
+        quiet = StageProgress(False, "square", 3, 4, points=20, points_done=0, per_point=1)   # ranks > 0: silent
+        quiet.start_chunk(5)
+        quiet.end_chunk(5, robust=3, n=40)
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "square: 5/20 points attacked, 15 left, robust 7.50% so far, ETA" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("square: 5/20 points, 25% of the stage's model passes")
+    assert "robust 7.50% so far, ETA at most" in lines[0]
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -18,7 +18,7 @@ import sys
 
 from . import registry
 from .errors import run_cli
-from .domain import DATASETS, THREATS
+from .domain import DATASETS, NORM_THREATS as THREATS
 from .registry import ModelInfo
 
 

@@ -16,7 +16,8 @@ class Threat:
     name: str            # our spelling: linf
     norm: str            # AutoAttack's: Linf
     robustbench: str     # RobustBench's ThreatModel value: Linf
-    default_eps: str     # the usual budget on CIFAR
+    default_eps: str     # the usual budget on CIFAR ("" where there is no budget)
+    kind: str = "norm"   # "norm": an eps-ball attacked by AutoAttack; "corruptions": fixed corrupted test sets
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ THREAT_TABLE: dict[str, Threat] = {t.name: t for t in (
     Threat("linf", "Linf", "Linf", "8/255"),
     Threat("l2", "L2", "L2", "0.5"),
     Threat("l1", "L1", "L1", "12"),
+    # CIFAR-10-C / CIFAR-100-C (Hendrycks & Dietterich, ICLR 2019): no norm, no eps (zoo.evaluate.corruptions)
+    Threat("corruptions", "", "corruptions", "", kind="corruptions"),
 )}
 
 DATASET_TABLE: dict[str, Dataset] = {d.name: d for d in (
@@ -51,8 +54,11 @@ DATASETS: tuple[str, ...] = tuple(DATASET_TABLE)
 #: Arithmetic an evaluation may attack in: exact fp32, TF32 tensor cores, or bf16 autocast (checked in fp32).
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
 
-#: AutoAttack's norm spelling for each threat (``linf`` -> ``Linf``).
-NORMS: dict[str, str] = {t.name: t.norm for t in THREAT_TABLE.values()}
+#: The threats with a norm ball (what AutoAttack attacks and a checkpoint can be trained for).
+NORM_THREATS: tuple[str, ...] = tuple(t.name for t in THREAT_TABLE.values() if t.kind == "norm")
+
+#: AutoAttack's norm spelling for each norm threat (``linf`` -> ``Linf``).
+NORMS: dict[str, str] = {t.name: t.norm for t in THREAT_TABLE.values() if t.kind == "norm"}
 
 
 def parse_eps(value: str | float | int) -> float:

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from . import constants
-from .domain import DATASETS, THREATS, parse_eps
+from .domain import DATASETS, NORM_THREATS as THREATS, parse_eps
 from .errors import RegistryError, UnknownModelError, UnknownVariantError
 
 SOURCE_KINDS = ("hub", "url", "gdrive")

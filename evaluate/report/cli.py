@@ -136,6 +136,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
         fig = plots.stages_figure(_read_records(args.records, strict=False))
     elif args.kind == "scatter":
         fig = plots.scatter_figure(_board(args))
+    elif args.kind == "corruptions":
+        fig = plots.corruptions_figure(_read_records([args.record], strict=True)[0])
     else:
         loaded = leaderboard.load_records(args.results or DEFAULT_RESULTS)
         _warn(loaded.warnings)
@@ -227,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("records", nargs="+", help="result record .json files")
     k = kinds.add_parser("scatter", help="clean vs robust accuracy of a leaderboard")
     _selection(k)
+    k = kinds.add_parser("corruptions", help="accuracy per corruption x severity of a --threat corruptions run")
+    k.add_argument("record", help="result record .json")
     k = kinds.add_parser("eps", help="robust accuracy vs eps")
     _selection(k, model_info_dir=False)
     k.add_argument("--model", action="append", help="only this model (repeatable)")

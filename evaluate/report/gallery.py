@@ -66,6 +66,9 @@ def build_gallery(record_path: str | Path, count: int = DEFAULT_COUNT) -> Galler
     if count < 1:
         raise BadInputError(f"-n must be at least 1, got {count}")
     record = RunRecord.read(record_path)
+    if record.kind != "autoattack":
+        raise BadInputError(f"{record_path} is a {record.kind} run: it has no adversarial examples",
+                            hint="zoo-report plot corruptions RECORD draws its accuracy per corruption and severity")
     arrays_path = per_example_path(record_path)
     if not arrays_path.is_file():
         raise BadInputError(f"{arrays_path} not found: the gallery needs the per-example arrays saved next to the "

@@ -101,8 +101,9 @@ def latest_runs(records: list[RunRecord], dataset: str, threat: str, eps_value: 
                             f"({', '.join(sorted(f[:12] for f in files))}); one table ranks one data set",
                             hint="keep each data file's records in their own --results folder")
     latest: dict[str, RunRecord] = {}
-    for record in chosen:
-        model = canonical_model(record.model)
+    for record in chosen:   # a cross-threat run never replaces (nor hides behind) the model's own-threat run
+        model = canonical_model(record.model) + (f" (trained for {record.trained_threat})"
+                                                 if is_cross_threat(record) else "")
         if model not in latest or _preference(record) > _preference(latest[model]):
             latest[model] = record
     return latest
@@ -139,6 +140,8 @@ class Entry:
     score: bool          # one of the SCORE networks in our registry (highlighted in plots)
     additional_data: bool | None = None               # trained with extra data (RobustBench's column); None: unknown
     robust_interval: tuple[float, float] | None = None  # exact 95% interval in %, our runs only (counts needed)
+    trained_threat: str | None = None   # set when a checkpoint trained for another norm threat is evaluated here:
+    #                                     listed after the ranked rows, unranked, with a footnote (never ranked)
 
 
 @dataclass
@@ -152,8 +155,9 @@ class Leaderboard:
 
     @property
     def title(self) -> str:
+        budget = "" if self.threat == "corruptions" else f" eps={self.eps}"
         return (f"{DATASET_LABEL.get(self.dataset, self.dataset)} "
-                f"{ROBUSTBENCH_THREAT.get(self.threat, self.threat)} eps={self.eps} leaderboard")
+                f"{ROBUSTBENCH_THREAT.get(self.threat, self.threat)}{budget} leaderboard")
 
     def to_frame(self) -> pd.DataFrame:
         """The ranking as a DataFrame, one row per entry, best first (columns: ``FRAME_COLUMNS``)."""
@@ -167,7 +171,14 @@ def _entry_from_record(record: RunRecord) -> Entry:
                  clean=record.clean.percent, robust=record.robust.percent,
                  architecture=meta.architecture.label if meta else None, venue=meta.paper.venue if meta else None,
                  n_ex=record.n_ex, source=f"score-zoo run {record.run_id}", ours=True, score=meta is not None,
-                 additional_data=meta.additional_data if meta else None, robust_interval=record.robust.interval)
+                 additional_data=meta.additional_data if meta else None, robust_interval=record.robust.interval,
+                 trained_threat=record.trained_threat if is_cross_threat(record) else None)
+
+
+def is_cross_threat(record: RunRecord) -> bool:
+    """A checkpoint trained for one norm threat evaluated under another (corruptions boards rank any model, as
+    RobustBench's do)."""
+    return record.kind != "corruptions" and record.trained_threat not in (None, record.threat)
 
 
 def _score_ids() -> set[str]:
@@ -186,7 +197,12 @@ def _available_eps(loaded: list[RunRecord], published: list, dataset: str, threa
 
 def build_leaderboard(dataset: str, threat: str, eps: float | None = None, results_dir: str | Path | None = None,
                       model_info_dir: str | Path | None = None, version: str = "standard") -> Leaderboard:
-    """Rank the latest finished run per model (+ published entries) by robust accuracy, best first."""
+    """Rank the latest finished run per model (+ published entries) by robust accuracy, best first.
+
+    ``threat="corruptions"``: our corruptions records and RobustBench's corruptions files, ranked by
+    ``corruptions_acc`` (the mean over the 15 x 5 sets), as RobustBench does; no eps."""
+    if threat == "corruptions":
+        version, eps = "corruptions", 0.0
     warnings: list[str] = []
     records: list[RunRecord] = []
     if results_dir is not None:
@@ -234,7 +250,7 @@ def build_leaderboard(dataset: str, threat: str, eps: float | None = None, resul
         if pub.model_id in rounded:
             counted_rounded.append(f"{pub.model_id} ({pub.data['eps']})")
         extra = pub.data.get("additional_data")
-        entries.append(Entry(model_id=pub.model_id, paper=pub.data.get("name", "").strip() or None,
+        entries.append(Entry(model_id=pub.model_id, paper=(pub.data.get("name") or "").strip() or None,
                              link=pub.data.get("link") or None, clean=pub.clean, robust=pub.robust,
                              architecture=pub.data.get("architecture"), venue=pub.data.get("venue") or "Unpublished",
                              n_ex=FULL_TEST_SET.get(dataset), source="RobustBench model_info", ours=False,
@@ -251,6 +267,13 @@ def build_leaderboard(dataset: str, threat: str, eps: float | None = None, resul
                             hint=hint)
     entries.sort(key=rank_key)
     notes = _notes(entries, dataset)
+    cross = [e for e in entries if e.trained_threat]
+    if cross:
+        shown = ROBUSTBENCH_THREAT.get(threat, threat)
+        notes.append(f"‡ trained for another threat, evaluated under {shown}: listed below the ranking, not ranked "
+                     "among models trained for it (" + ", ".join(
+                         f"{e.model_id}: trained for {ROBUSTBENCH_THREAT.get(e.trained_threat, e.trained_threat)}"
+                         for e in cross) + ").")
     if counted_rounded:
         notes.append(f"Budgets written as decimals in RobustBench's files are read as the nearest k/255 (within "
                      f"1e-3), as its own leaderboard lists them: {', '.join(counted_rounded)} counted as {label}.")
@@ -260,7 +283,8 @@ def build_leaderboard(dataset: str, threat: str, eps: float | None = None, resul
 def rank_key(entry: Entry) -> tuple:
     """Robust accuracy first (RobustBench's only key), then the documented tie-breaks: clean accuracy (higher
     first), model id, our runs before published entries, source."""
-    return (-entry.robust, -entry.clean, entry.model_id, not entry.ours, entry.source)
+    return (entry.trained_threat is not None, -entry.robust, -entry.clean, entry.model_id, not entry.ours,
+            entry.source)
 
 
 def _notes(entries: list[Entry], dataset: str) -> list[str]:
@@ -292,12 +316,14 @@ CSV_COLUMNS = tuple(c for c in FRAME_COLUMNS[:-2] if c not in INTERVAL_COLUMNS) 
 
 
 def _frame(board: Leaderboard) -> pd.DataFrame:
-    rows = [(rank, e.model_id, e.paper, e.link, e.clean, e.robust,
+    ranked = [e for e in board.entries if not e.trained_threat]
+    ranks = list(range(1, len(ranked) + 1)) + [None] * (len(board.entries) - len(ranked))   # cross-threat: none
+    rows = [(rank, e.model_id + (" ‡" if e.trained_threat else ""), e.paper, e.link, e.clean, e.robust,
              *(e.robust_interval if e.robust_interval else (None, None)), e.additional_data, e.architecture,
              e.venue, e.n_ex, e.source, board.dataset, board.threat, board.eps, e.ours, e.score)
-            for rank, e in enumerate(board.entries, start=1)]
+            for rank, e in zip(ranks, board.entries)]
     frame = pd.DataFrame.from_records(rows, columns=list(FRAME_COLUMNS))
-    return frame.astype({"rank": "int64", "clean_acc": "float64", "robust_acc": "float64", "robust_ci_low": "float64",
+    return frame.astype({"rank": "Int64", "clean_acc": "float64", "robust_acc": "float64", "robust_ci_low": "float64",
                          "robust_ci_high": "float64", "additional_data": "boolean", "n_ex": "Int64", "ours": "bool",
                          "score": "bool"})
 
@@ -345,7 +371,7 @@ def to_markdown(board: Leaderboard, intervals: bool = False) -> str:
         return f"*[{row['paper']}]({row['link']})*" if not pd.isna(row["link"]) else f"*{row['paper']}*"
 
     shown, aligns = _columns(frame, {
-        "#": frame["rank"].map(lambda r: f"**{r}**"),
+        "#": frame["rank"].map(lambda r: "-" if pd.isna(r) else f"**{r}**"),
         "Model ID": "**" + frame["model_id"] + "**" + _marks(frame),
         "Paper": frame.apply(paper, axis=1) if len(frame) else pd.Series(dtype=object),
         "Clean accuracy": frame["clean_acc"].map(lambda v: f"{v:.2f}%"),
@@ -360,7 +386,7 @@ def to_markdown(board: Leaderboard, intervals: bool = False) -> str:
 def to_latex(board: Leaderboard, intervals: bool = False) -> str:
     frame = board.to_frame()
     shown, aligns = _columns(frame, {
-        "#": frame["rank"].map(str),
+        "#": frame["rank"].map(_text),
         "Model ID": frame["model_id"] + _marks(frame),
         "Paper": frame["paper"].map(_text),
         "Clean (%)": frame["clean_acc"].map(lambda v: f"{v:.2f}"),
@@ -395,7 +421,7 @@ def to_html(board: Leaderboard, intervals: bool = False) -> str:
             interval = (f'<td data-value="{row.robust_ci_low:.2f}">[{row.robust_ci_low:.2f}, {row.robust_ci_high:.2f}]'
                         "</td>" if not pd.isna(row.robust_ci_low) else '<td data-value=""></td>')
         rows.append(
-            f'<tr data-model="{esc(row.model_id)}"{cls}><td data-value="{row.rank}">{row.rank}</td>'
+            f'<tr data-model="{esc(row.model_id)}"{cls}><td data-value="{_text(row.rank)}">{_text(row.rank)}</td>'
             f"<td>{esc(row.model_id + mark)}</td><td>{paper}</td>"
             f'<td data-value="{row.clean_acc:.2f}">{row.clean_acc:.2f}%</td>'
             f'<td data-value="{row.robust_acc:.2f}">{row.robust_acc:.2f}%</td>{interval}'

@@ -60,10 +60,24 @@ def refuse_custom_data(record: RunRecord) -> None:
                             "copy of CIFAR) instead of --data FILE.npz")
 
 
+#: RobustBench's corruptions model_info keys (its ``ModelInfo`` order, as ``update_json`` writes them).
+CORRUPTIONS_MODEL_INFO_KEYS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset",
+                               "venue", "architecture", "eps", "clean_acc", "reported", "corruptions_acc",
+                               "footnote")
+
+
 def model_info(record: RunRecord, allow_partial: bool = False) -> dict[str, Any]:
-    """The RobustBench model_info entry for one complete AutoAttack-standard run of a registry model."""
+    """The RobustBench model_info entry for one complete AutoAttack-standard (or corruptions) run of a registry
+    model."""
     refuse_custom_data(record)
+    if record.kind == "corruptions":
+        return _corruptions_model_info(record, allow_partial)
     meta = info(record.model)
+    if record.trained_threat and record.trained_threat != record.threat:
+        raise BadInputError(f"run {record.run_id} evaluates a checkpoint trained for {record.trained_threat} under "
+                            f"{record.threat}; RobustBench's {ROBUSTBENCH_THREAT[record.threat]} files list the "
+                            "released checkpoint for that threat", hint="publish it as a cross-threat result in "
+                                                                          "a leaderboard (it is marked there)")
     variant = meta.variant(record.dataset, record.threat)
     origin = f"run {record.run_id} ({record.model}, {record.dataset}, {record.threat})"
     if not record.complete:
@@ -99,8 +113,39 @@ def model_info(record: RunRecord, allow_partial: bool = False) -> dict[str, Any]
     }
 
 
+def _corruptions_model_info(record: RunRecord, allow_partial: bool) -> dict[str, Any]:
+    """RobustBench's corruptions file (``model_info/<dataset>/corruptions/<id>.json``): ``corruptions_acc`` = the
+    mean over the 15 x 5 sets, ``eps`` null. ``corruptions_mce`` is left out: it needs RobustBench's AlexNet
+    accuracies (its unaggregated_results.csv), which this harness does not have."""
+    meta = info(record.model)
+    origin = f"run {record.run_id} ({record.model}, {record.dataset}, corruptions)"
+    if not record.complete:
+        raise BadInputError(f"{origin} is incomplete", hint="finish (or resume) the run with zoo-eval first")
+    if is_partial(record) and not allow_partial:
+        raise BadInputError(f"{origin} covers only {record.n_ex} of {FULL_TEST_SET.get(record.dataset, '?')} images "
+                            "per corruption and severity; RobustBench uses all of them",
+                            hint="evaluate without --n-ex, or pass --allow-partial for a draft")
+    spelled = meta.robustbench
+    return {
+        "link": spelled.link if spelled else meta.paper.link,
+        "name": spelled.name if spelled else meta.paper.title,
+        "authors": ", ".join(meta.paper.authors),
+        "additional_data": meta.additional_data,
+        "number_forward_passes": 1,
+        "dataset": record.dataset,
+        "venue": (spelled.venue if spelled and spelled.venue else meta.paper.venue),
+        "architecture": meta.architecture.label,
+        "eps": None,
+        "clean_acc": f"{record.clean.percent:.2f}",
+        "reported": None,
+        "corruptions_acc": f"{record.robust.percent:.2f}",
+        "footnote": meta.footnote,
+    }
+
+
 def dumps_model_info(entry: dict[str, Any]) -> str:
-    return json.dumps({k: entry[k] for k in MODEL_INFO_KEYS}, indent=2) + "\n"
+    keys = CORRUPTIONS_MODEL_INFO_KEYS if "corruptions_acc" in entry else MODEL_INFO_KEYS
+    return json.dumps({k: entry[k] for k in keys}, indent=2) + "\n"
 
 
 def model_info_filename(record: RunRecord) -> str:
@@ -165,6 +210,10 @@ def submission_text(records: list[RunRecord], allow_partial: bool = False) -> st
 
 # ---------------------------------------------------------------- reading published entries
 
+#: What marks a RobustBench corruptions file (2D fields; 3D common corruptions where present).
+CORRUPTION_FIELDS = ("corruptions_acc", "corruptions_mce", "corruptions_acc_3d", "corruptions_mce_3d")
+
+
 @dataclass(frozen=True)
 class PublishedEntry:
     """One curated RobustBench model_info file, as ranked on its leaderboard."""
@@ -183,14 +232,24 @@ def read_model_info(path: Path) -> PublishedEntry:
         raise BadInputError(f"{path}: cannot read model_info file ({exc})") from None
     if not isinstance(data, dict):
         raise BadInputError(f"{path}: not a JSON object")
-    missing = [k for k in ("name", "dataset", "eps", "clean_acc", "autoattack_acc") if k not in data]
+    # RobustBench's update_json writes every ModelInfo field, autoattack_acc null included, in corruptions files
+    corruptions = data.get("autoattack_acc") is None and any(data.get(k) is not None for k in CORRUPTION_FIELDS)
+    if corruptions and data.get("corruptions_acc") is None and data.get("corruptions_acc_3d") is not None:
+        raise BadInputError(f"{path}: 3D common corruptions only (corruptions_acc_3d); RobustBench ranks it on "
+                            "its 3DCC board, not this one")
+    needed = ("dataset", "clean_acc", "corruptions_acc") if corruptions else \
+        ("name", "dataset", "eps", "clean_acc", "autoattack_acc")
+    missing = [k for k in needed if k not in data or (corruptions and data[k] is None)]
     if missing:
         raise BadInputError(f"{path}: missing field(s) {missing}")
     wrong = [k for k in ("link", "name", "authors", "dataset", "venue", "architecture") if k in data
-             and not isinstance(data[k], str)]
+             and not isinstance(data[k], str) and not (corruptions and data[k] is None and k != "dataset")]
     if wrong:
         raise BadInputError(f"{path}: field(s) {wrong} must be strings")
     try:
+        if corruptions:   # RobustBench ranks these by corruptions_acc alone; eps is null or absent
+            return PublishedEntry(model_id=path.stem, data=data, clean=float(data["clean_acc"]),
+                                  robust=float(data["corruptions_acc"]), eps_value=0.0)
         robust = float(data["external"] if data.get("external") not in (None, "") else data["autoattack_acc"])
         return PublishedEntry(model_id=path.stem, data=data, clean=float(data["clean_acc"]), robust=robust,
                               eps_value=parse_eps(data["eps"]))

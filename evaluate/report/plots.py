@@ -1,4 +1,5 @@
-"""Figures for the paper and the README: attack stages, clean-vs-robust scatter, robust accuracy vs eps.
+"""Figures for the paper and the README: attack stages, clean-vs-robust scatter, robust accuracy vs eps, and the
+corruption x severity heat map of a corruptions run.
 
 matplotlib is an optional extra, imported only here and only when a plot is asked for. We build Figures
 directly (no pyplot) so nothing touches global backend state, and size them for one paper column
@@ -160,4 +161,31 @@ def eps_figure(series: dict[str, list[RunRecord]], threat: str) -> Any:
         ax.set_ylabel("robust accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(frameon=False)
+    return fig
+
+
+def corruptions_figure(record: RunRecord) -> Any:
+    """Heat map of a corruptions record: accuracy (%) per corruption (rows, RobustBench's order) and severity
+    1-5 (columns), each cell written in; the title gives the mean (RobustBench's corruptions_acc)."""
+    matplotlib = _matplotlib()
+    if record.kind != "corruptions" or not record.corruptions:
+        raise BadInputError(f"run {record.run_id} is not a corruptions run (kind {record.kind!r})",
+                            hint="pass a record of zoo-eval --threat corruptions")
+    names = list(record.corruptions)
+    values = [[a.percent for a in record.corruptions[c]] for c in names]
+    with matplotlib.rc_context(STYLE):
+        from matplotlib.figure import Figure
+        fig = Figure(figsize=(WIDTH_IN, 0.22 * len(names) + 1.2), dpi=DPI, layout="constrained")
+        ax = fig.add_subplot()
+        image = ax.imshow(values, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        for i, row in enumerate(values):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if v < 55 else "black")
+        ax.set_xticks(range(5), [str(s) for s in range(1, 6)])
+        ax.set_yticks(range(len(names)), [n.replace("_", " ") for n in names])
+        ax.set_xlabel("severity")
+        ax.set_title(f"{record.model}, {DATASET_LABEL.get(record.dataset, record.dataset)}-C: "
+                     f"mean {record.robust.percent:.2f}%", fontsize=MIN_FONT_PT)
+        fig.colorbar(image, ax=ax, label="accuracy (%)")
     return fig

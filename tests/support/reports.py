@@ -42,6 +42,25 @@ def make_record(model: str = "score-wrn-28-10", dataset: str = "cifar10", threat
         created=created, complete=complete)
 
 
+def make_corruptions_record(model: str = "score-wrn-28-10", dataset: str = "cifar10", n: int = 10000,
+                            clean: int = 8861, base: int = 8000, trained_threat: str | None = "linf",
+                            run_id: str | None = None, created: str = "2025-01-02T00:00:00+00:00") -> RunRecord:
+    """A consistent --threat corruptions record: set (c, s) has ``base - 40 c - 300 s`` right (clamped)."""
+    from zoo.evaluate.corruptions_data import CORRUPTIONS
+
+    sets = {c: tuple(Accuracy(max(0, min(n, base * n // 10000 - 40 * ci - 300 * s)), n) for s in range(5))
+            for ci, c in enumerate(CORRUPTIONS)}
+    total = sum(a.correct for accs in sets.values() for a in accs)
+    return RunRecord(
+        run_id=run_id or f"{model}-{dataset}-corruptions-{created[:10]}", model=model, dataset=dataset,
+        threat="corruptions", norm="", eps="", eps_value=0.0, version="corruptions", attacks=(), seed=0,
+        indices=tuple(range(n)), clean=Accuracy(clean, n), robust=Accuracy(total, n * 75), stages=(),
+        engine="forward pass", precision="fp32", batch_size=500, libraries={"torch": "2.4.1"}, device="fixture",
+        checkpoint={"source": "fixture", "sha256": "ab" * 32, "path": "fixture.pt"},
+        data={"source": "file", "path": "fixture.npz", "sha256": "cd" * 32}, config_hash="0" * 16,
+        created=created, complete=True, kind="corruptions", trained_threat=trained_threat, corruptions=sets)
+
+
 def check_golden(name: str, text: str) -> None:
     """Byte-for-byte comparison with tests/fixtures/report/<name> (rewritten when UPDATE_GOLDEN_ENV=1)."""
     path = FIXTURES / name
