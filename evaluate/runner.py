@@ -10,6 +10,7 @@ the same batches, hence the same result.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import shutil
@@ -24,12 +25,13 @@ import torch
 from torch import nn
 
 from zoo.errors import BadInputError, RunStateError, ZooError
+from zoo.fileio import atomic_write_bytes
 
 from .attacks.compiled import compiled_for_attacks
 from .attacks.engine import AttackView, engine_class
 from .estimate import Plan, estimate, fmt_seconds, plan_text
 from .options import RunOptions
-from . import devices
+from . import devices, integrity
 from .precision import autocast_dtype, cudnn_in_effect, precision_mode, strict_fp32, tf32_in_effect
 from .prepare import Setup, library_versions, prepare
 from .record import Accuracy, RunRecord, Stage, per_example_path
@@ -203,7 +205,7 @@ def _record_batch(setup: Setup, state: ShardState, attack: str, stage: int, pos:
 def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> RunRecord:
     o = setup.opts
     merged = merge_states(setup.run_dir, setup.config_hash, setup.data.indices, split)
-    pe = merged.per_example
+    pe = dataclasses.replace(merged.per_example, config_hash=setup.config_hash)
     check_adversarial(pe, setup.data.x.numpy(), setup.norm, setup.eps)
     ties = verify_predictions(setup, pe)
     n = setup.n
@@ -233,9 +235,11 @@ def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> Ru
                "pass_counts": "images through the model inside the attacks (forward / backward)",
                "model_dataset": o.dataset, "run_dir": str(setup.run_dir.resolve()),
                "finished": _now()})
+    arrays = pe.to_bytes()
+    record = dataclasses.replace(record, integrity=integrity.seal(arrays, setup.config, doc["invocation"]))
     record.validate()
     json_path = setup.results_dir / record.relative_path()
-    pe.write(per_example_path(json_path))   # arrays first: the JSON never points at a missing file
+    atomic_write_bytes(per_example_path(json_path), arrays)   # arrays first: the JSON never points at a missing file
     record.write(setup.results_dir)
     return record
 

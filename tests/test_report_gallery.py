@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from test_report_support import make_record
+from tests.support.reports import make_record
 
 from zoo.evaluate.record import PerExample, per_example_path
 from zoo.evaluate.report.cli import main
@@ -104,7 +104,7 @@ def test_missing_arrays_and_nothing_fooled(tmp_path, capsys):
 
 
 def test_gallery_does_not_import_torch_for_a_file_source(tmp_path):
-    from test_lazy_imports import run_without_torch
+    from tests.test_lazy_imports import run_without_torch
 
     path, _ = write_run(tmp_path)
     run_without_torch("zoo.evaluate.report.cli", ["gallery", str(path), "-n", "2", "-o", "g"], tmp_path)

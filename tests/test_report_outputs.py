@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_report_support import make_record
+from tests.support.reports import make_record
 
 from zoo.evaluate.report.cli import main
 
