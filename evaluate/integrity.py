@@ -14,8 +14,9 @@ Every reader (``RunRecord.read``, hence every ``zoo-report`` command, and ``PerE
   sha256, engine, precision, library versions);
 - a missing ``.npz``, one whose bytes are not the sealed ones, one of another configuration, or one whose
   flags, indices and stage counts disagree with the JSON;
-- adversarial images outside the eps ball of their clean images, where the clean images are at hand (a
-  ``--data`` file with the recorded sha256, or the torchvision folder the run read).
+- adversarial images outside the eps ball of their clean images, where the clean images are at hand: the
+  run's ``--data`` file or torchvision CIFAR folder still holding the images whose content hash the record
+  gives (a CIFAR test file is unpickled only after its published md5 matched).
 
 Records written before these fields existed are read with a note ("written before integrity fields; not
 checked") after the checks that need no seal (counts vs percentages, eps text vs value).
@@ -38,7 +39,6 @@ import numpy as np
 
 from zoo.domain import parse_eps
 from zoo.errors import BadInputError, RecordError
-from zoo.fileio import sha256_file
 
 from .state import config_hash
 
@@ -96,8 +96,7 @@ def ball_problems(x_adv: np.ndarray, positions: np.ndarray, x_clean: np.ndarray,
 # ---------------------------------------------------------------- the reader's check
 
 
-def check_record(path: str | Path, raw: dict[str, Any], record: RunRecord, *,
-                 per_example: PerExample | None = None, eps_ball: bool = True) -> list[str]:
+def check_record(path: str | Path, raw: dict[str, Any], record: RunRecord, *, eps_ball: bool = True) -> list[str]:
     """Check a record read from ``path`` (``raw``: its JSON) against itself and its ``.npz``.
 
     Returns notes (a legacy record's "not checked"); raises RecordError naming ``path`` and every mismatch
@@ -116,33 +115,29 @@ def check_record(path: str | Path, raw: dict[str, Any], record: RunRecord, *,
     if problems:
         raise RecordError(f"{origin}: record fails its integrity check: " + "; ".join(problems))
     npz_path = _per_example_file(path, record)
-    if per_example is None:
-        try:
-            data = npz_path.read_bytes()
-        except FileNotFoundError:
-            raise RecordError(f"{origin}: its per-example arrays {npz_path} are missing") from None
-        except OSError as exc:
-            raise RecordError(f"{origin}: cannot read its per-example arrays {npz_path} ({exc})") from None
-        digest = sha256_bytes(data)
-        if digest != seal_["per_example_sha256"]:
-            raise RecordError(f"{origin}: {npz_path.name} is not the file this record was written with (sha256 "
-                              f"{digest[:12]}..., the record says {seal_['per_example_sha256'][:12]}...)")
-        from .record import PerExample
-        per_example = PerExample.from_bytes(data, str(npz_path))
+    try:
+        data = npz_path.read_bytes()
+    except FileNotFoundError:
+        raise RecordError(f"{origin}: its per-example arrays {npz_path} are missing") from None
+    except OSError as exc:
+        raise RecordError(f"{origin}: cannot read its per-example arrays {npz_path} ({exc})") from None
+    digest = sha256_bytes(data)
+    if digest != seal_["per_example_sha256"]:
+        raise RecordError(f"{origin}: {npz_path.name} is not the file this record was written with (sha256 "
+                          f"{digest[:12]}..., the record says {seal_['per_example_sha256'][:12]}...)")
+    from .record import PerExample
+    per_example = PerExample.from_bytes(data, str(npz_path))
     problems = _per_example_problems(record, per_example)
     if problems:
         raise RecordError(f"{origin}: record and {npz_path.name} disagree: " + "; ".join(problems))
-    notes = []
     if eps_ball:
-        x_clean, why = _clean_images(record)
-        if x_clean is None:
-            notes.append(f"{origin}: eps ball not checked ({why})")
-        else:
+        x_clean, _why = _clean_images(record)   # not at hand: left to `zoo-eval verify` (no warning per read)
+        if x_clean is not None:
             problems = ball_problems(per_example.x_adv, per_example.adv_positions, x_clean, record.norm,
                                      record.eps_value)
             if problems:
                 raise RecordError(f"{origin}: {npz_path.name} fails the eps-ball check: " + "; ".join(problems))
-    return notes
+    return []
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -282,49 +277,61 @@ def _per_example_problems(record: RunRecord, pe: PerExample) -> list[str]:
     return problems
 
 
+#: The CIFAR test files torchvision reads, with their published md5 (checked before unpickling one).
+CIFAR_TEST_FILES = {"cifar10": ("test_batch", "40351d587109b95175f43aff81a1287e", "labels"),
+                    "cifar100": ("test", "f0ef6b0ae62326f3e7ffdfab6717acfc", "fine_labels")}
+
+
+def content_sha256(x: np.ndarray, y: np.ndarray) -> str:
+    """The data identity the configuration holds (``data._finish``): float32 NCHW images and int64 labels."""
+    digest = hashlib.sha256()
+    digest.update(str(tuple(int(d) for d in x.shape)).encode())
+    digest.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+    digest.update(np.ascontiguousarray(y, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
 def _clean_images(record: RunRecord) -> tuple[np.ndarray | None, str]:
-    """The run's clean images (float32 NCHW in [0, 1], in the order of its indices) from its data source, or
-    None and why not. numpy only: a ``--data`` file whose sha256 is the recorded one, or the test file of a
-    torchvision CIFAR folder whose sha256 was recorded (``--data-root`` runs)."""
+    """The run's clean images (float32 NCHW in [0, 1], in the order of its indices) re-read from its data
+    source, or None and why not. They count only when their content hash is the recorded one. numpy only: a
+    ``--data`` file, or the test file of a torchvision CIFAR folder (unpickled only after its published md5
+    matched, as torchvision does)."""
     source, path = record.data.get("source"), Path(str(record.data.get("path")))
-    indices = np.asarray(record.indices, dtype=np.int64)
+    n = record.data.get("n")
+    if not isinstance(n, int) or n < len(record.indices) or not record.data.get("content_sha256"):
+        return None, "the record does not identify its data"
     if source == "file":
-        expected = record.data.get("sha256")
         if not path.is_file():
             return None, f"the data file {path} is missing"
-        if not expected or sha256_file(path) != expected:
-            return None, f"the data file {path} is not the one the run read (sha256 differs)"
         try:
             with np.load(path, allow_pickle=False) as npz:
-                x = npz["x"]
+                x, y = npz["x"][:n], npz["y"][:n]
         except (OSError, ValueError, KeyError) as exc:
             return None, f"cannot read {path} ({exc})"
-        if len(indices) and len(x) <= int(indices.max()):
-            return None, f"{path} holds {len(x)} images"
-        x = x[indices]
-        if x.dtype == np.uint8:            # NHWC 0-255, as zoo-eval reads it
-            x = x.transpose(0, 3, 1, 2).astype(np.float32) / 255
-        return x.astype(np.float32), ""
-    if source == "torchvision":
-        files = record.data.get("files_sha256")
-        if not isinstance(files, dict) or len(files) != 1:
-            return None, "the run read a downloaded CIFAR copy whose file hashes were not recorded"
-        (name, expected), = files.items()
-        test_file = path / str(name)
-        if not test_file.is_file() or sha256_file(test_file) != expected:
-            return None, f"{test_file} is missing or not the file the run read"
-        import pickle   # the file's sha256 is the recorded one (torchvision checked its published md5)
+        if x.dtype == np.uint8 and x.ndim == 4:            # NHWC 0-255, as zoo-eval reads it
+            x = x.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+    elif source == "torchvision" and record.dataset in CIFAR_TEST_FILES:
+        name, md5, label_key = CIFAR_TEST_FILES[record.dataset]
+        test_file = path / name
+        if not test_file.is_file():
+            return None, f"{test_file} is missing"
+        if hashlib.md5(test_file.read_bytes()).hexdigest() != md5:
+            return None, f"{test_file} is not the published {record.dataset} test file (md5 differs)"
+        import pickle   # the published file (md5 above), which torchvision unpickles the same way
 
         try:
             with open(test_file, "rb") as fh:
                 batch = pickle.load(fh, encoding="latin1")
-            x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)[:n]
+            y = np.asarray(batch[label_key], dtype=np.int64)[:n]
         except Exception as exc:  # noqa: BLE001 -- any unreadable file means "not available"
             return None, f"cannot read {test_file} ({type(exc).__name__})"
-        if len(indices) and len(x) <= int(indices.max()):
-            return None, f"{test_file} holds {len(x)} images"
-        return x[indices].astype(np.float32) / 255, ""
-    return None, f"unknown data source {source!r}"
+        x = x.astype(np.float32) / np.float32(255)
+    else:
+        return None, f"unknown data source {source!r}"
+    if len(x) < n or len(y) < n or content_sha256(x, y) != record.data["content_sha256"]:
+        return None, f"{path} no longer holds the images the run read (content sha256 differs)"
+    return np.ascontiguousarray(x, dtype=np.float32)[np.asarray(record.indices, dtype=np.int64)], ""
 
 
 def load_arrays(data: bytes, origin: str) -> dict[str, np.ndarray]:

@@ -378,3 +378,50 @@ def test_in_memory_module_verifies_from_python_only(tmp_path, monkeypatch, capsy
     with h.one_thread():
         verified = verify_record(j, model=h.train_tiny_cnn(), device="cpu")
     assert verified.record.run_id == record.run_id and verified.examples == 4
+
+
+# ---------------------------------------------------------------- clean images for the eps-ball check
+
+
+def _fake_record(data: dict, dataset: str, indices):
+    from types import SimpleNamespace
+    return SimpleNamespace(data=data, dataset=dataset, indices=tuple(indices))
+
+
+def test_clean_images_from_a_torchvision_folder_only_after_its_md5(tmp_path, monkeypatch):
+    import pickle
+
+    from zoo.evaluate import integrity
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (10, 3 * 32 * 32), dtype=np.uint8)
+    labels = rng.integers(0, 10, 10).tolist()
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": raw, "labels": labels}))
+    x = raw.reshape(-1, 3, 32, 32)[:6].astype(np.float32) / np.float32(255)
+    data = {"source": "torchvision", "path": str(folder), "n": 6,
+            "content_sha256": integrity.content_sha256(x, np.asarray(labels[:6]))}
+    record = _fake_record(data, "cifar10", range(6))
+    got, why = integrity._clean_images(record)
+    assert got is None and "not the published cifar10 test file (md5 differs)" in why   # never unpickled
+    md5 = hashlib.md5((folder / "test_batch").read_bytes()).hexdigest()
+    monkeypatch.setitem(integrity.CIFAR_TEST_FILES, "cifar10", ("test_batch", md5, "labels"))
+    got, why = integrity._clean_images(record)
+    assert why == "" and np.array_equal(got, x)
+    got, why = integrity._clean_images(_fake_record({**data, "content_sha256": "0" * 64}, "cifar10", range(6)))
+    assert got is None and "content sha256 differs" in why
+
+
+def test_clean_images_from_a_data_file_must_have_the_recorded_content(runs, tmp_path):
+    from zoo.evaluate import integrity
+
+    j, _ = _paths(runs / "results0")
+    record = RunRecord.read(j)
+    got, why = integrity._clean_images(record)
+    assert why == "" and got.shape == (N, 3, 32, 32)
+    other = tmp_path / "d.npz"
+    x, y = h.synthetic_images(N, seed=4)
+    h.write_npz(other, x, y)
+    got, why = integrity._clean_images(_fake_record({**record.data, "path": str(other)}, "custom", record.indices))
+    assert got is None and "content sha256 differs" in why
