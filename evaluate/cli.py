@@ -5,6 +5,7 @@
     zoo-eval --model ... --shard 0/4               # one of four shards (e.g. a Slurm array task)
     torchrun --nproc-per-node 4 -m zoo.evaluate --model ...   # one shard per GPU, rank 0 merges
     zoo-eval merge RUN_DIR                         # join finished shards and write the record
+    zoo-eval verify RECORD.json                    # re-run the model on the record's stored images
     zoo-eval --suite paper [--n-ex 1000]           # every evaluation `zoo-report paper` needs
 
 Every user-fixable problem prints one message naming it and its fix, and exits with status 2.
@@ -31,7 +32,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zoo-eval", description="Faithful, resumable AutoAttack evaluation (same results as pyautoattack's "
                                      "run_standard_evaluation with the same seed and batch size).",
-        epilog="Other command: `zoo-eval merge RUN_DIR` joins finished shards.")
+        epilog="Other commands: `zoo-eval merge RUN_DIR` joins finished shards; `zoo-eval verify RECORD` re-checks "
+               "a record with its model.")
     p.add_argument("--model", help="registry name (or RobustBench id) of the model; robustbench:ID for any model of "
                                    "RobustBench's zoo")
     p.add_argument("--model-factory", metavar="MODULE:FUNCTION",
@@ -101,6 +103,15 @@ def _merge_parser() -> argparse.ArgumentParser:
                                 description="Join the finished shards of a run folder, check them, write the record.")
     p.add_argument("run_dir", help="the run folder (printed when the run started)")
     p.add_argument("--results-dir", default=None, help="override where the record is written")
+    p.add_argument("--device", default=None, help="device for the fp32 re-check (default: the run's device type)")
+    return p
+
+
+def _verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zoo-eval verify",
+                                description="Check a result record against its .npz, rebuild its model and data, and "
+                                            "re-run the model on the stored adversarial and clean images.")
+    p.add_argument("record", help="the result record .json (its <run-id>.npz beside it)")
     p.add_argument("--device", default=None, help="device for the fp32 re-check (default: the run's device type)")
     return p
 
@@ -231,6 +242,12 @@ def _main(argv: list[str]) -> int:
         results_dir = args.results_dir or runner.invocation_of(args.run_dir)["results_dir"]
         print(_summary(record))
         print(f"record: {Path(results_dir) / record.relative_path()}")
+        return 0
+    if argv[:1] == ["verify"]:
+        from .reverify import verify_record
+
+        args = _verify_parser().parse_args(argv[1:])
+        print(verify_record(args.record, device=args.device).summary(args.record))
         return 0
     args = _run_parser().parse_args(argv)
     if args.slurm:

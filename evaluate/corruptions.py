@@ -30,6 +30,7 @@ from zoo.fileio import atomic_write_bytes
 
 from . import data as data_mod
 from . import devices
+from . import integrity
 from .progress import StageProgress
 from .corruptions_data import CORRUPTIONS, SEVERITIES, CorruptionSets, locate
 from .options import RunOptions, hashed_values
@@ -286,13 +287,15 @@ def _finalize(setup: CorruptionsSetup, doc: dict[str, Any]) -> RunRecord:
                "n_examples_semantics": "first n images of each (corruption, severity) set, as RobustBench",
                "run_dir": str(setup.run_dir.resolve())},
         kind=THREAT, trained_threat=o.trained_threat, corruptions=accuracies)
-    record.validate()
     json_path = Path(o.results_dir) / record.relative_path()
     buffer = io.BytesIO()
     np.savez_compressed(buffer, indices=np.arange(n, dtype=np.int64), clean_correct=clean_correct,
                         correct=all_correct.reshape(len(CORRUPTIONS), len(SEVERITIES), n),
-                        corruptions=np.array(CORRUPTIONS))
-    atomic_write_bytes(json_path.with_suffix(".npz"), buffer.getvalue())
+                        corruptions=np.array(CORRUPTIONS), config_hash=np.array(setup.config_hash))
+    arrays = buffer.getvalue()
+    record = dataclasses.replace(record, integrity=integrity.seal(arrays, setup.config, doc["invocation"]))
+    record.validate()
+    atomic_write_bytes(json_path.with_suffix(".npz"), arrays)
     record.write(o.results_dir)
     return record
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +28,8 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 #: What a record measured: robust accuracy under AutoAttack, or accuracy on common corruptions.
 KINDS = ("autoattack", "corruptions")
+
+log = logging.getLogger("zoo.evaluate")
 
 
 def percent(count: int, total: int) -> float:
@@ -105,6 +108,9 @@ class RunRecord:
     trained_threat: str | None = None   # the threat the checkpoint was trained for (None: not a registry model)
     # kind corruptions: {corruption: [Accuracy of severity 1..5]}, RobustBench's order; ``robust`` is their mean
     corruptions: dict[str, tuple[Accuracy, ...]] | None = None
+    # the seal checked by every reader (see integrity.py): per_example_sha256, config, invocation; None in
+    # records written before it existed
+    integrity: dict[str, Any] | None = None
 
     @property
     def n_ex(self) -> int:
@@ -114,6 +120,8 @@ class RunRecord:
         out: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "integrity" and value is None:
+                continue
             if isinstance(value, Accuracy):
                 value = value.to_dict()
             elif f.name == "stages":
@@ -219,14 +227,22 @@ class RunRecord:
 
     @classmethod
     def read(cls, path: str | Path) -> "RunRecord":
+        """The record at ``path``, checked against itself and its ``.npz`` (``integrity.check_record``);
+        notes (e.g. a record older than the integrity fields) go to the ``zoo.evaluate`` log."""
+        record, notes = cls.read_checked(path)
+        for note in notes:
+            log.warning("%s", note)
+        return record
+
+    @classmethod
+    def read_checked(cls, path: str | Path) -> tuple["RunRecord", list[str]]:
+        """``read``, returning the integrity notes instead of logging them (the reports list them)."""
+        from . import integrity
+
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise RecordError(f"{path}: cannot read result record ({exc})") from None
-        except RecursionError:   # e.g. [[[[...]]]] thousands deep: no record is shaped like that
-            raise RecordError(f"{path}: cannot read result record (JSON nested too deeply)") from None
-        return cls.from_dict(data, origin=str(path))
+        data = integrity.read_json(path)
+        record = cls.from_dict(data, origin=str(path))
+        return record, integrity.check_record(path, data, record)
 
     def relative_path(self) -> Path:
         """Where this record lives under a results root."""
@@ -250,6 +266,7 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "trained_threat": ((str, type(None)), "a string or null"),
     "corruptions": ((dict, type(None)), "an object or null"),
     "per_example_file": ((str, type(None)), "a string or null"),
+    "integrity": ((dict, type(None)), "an object or null"),
     **{k: ((dict,), "an object") for k in ("libraries", "checkpoint", "data", "extra", "clean", "robust")},
     **{k: ((list,), "a list") for k in ("attacks", "indices", "stages")},
 }
@@ -291,6 +308,7 @@ class PerExample:
     adv_pred: np.ndarray       # (n,) int64
     adv_positions: np.ndarray  # (m,) int64, increasing
     x_adv: np.ndarray          # (m, C, H, W) float32 in [0, 1]
+    config_hash: str | None = None   # the run's configuration hash (None in arrays older than it)
 
     def robust_after(self, stage: int) -> np.ndarray:
         """Robust flags after attack number ``stage`` (0-based) of the sequence."""
@@ -328,8 +346,9 @@ class PerExample:
 
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
+        extra = {} if self.config_hash is None else {"config_hash": np.array(self.config_hash)}
         np.savez_compressed(buffer, schema_version=np.int64(SCHEMA_VERSION),
-                            **{k: getattr(self, k) for k in PER_EXAMPLE_KEYS})
+                            **{k: getattr(self, k) for k in PER_EXAMPLE_KEYS}, **extra)
         return buffer.getvalue()
 
     def write(self, path: str | Path) -> Path:
@@ -337,17 +356,32 @@ class PerExample:
 
     @classmethod
     def read(cls, path: str | Path) -> "PerExample":
+        """The arrays at ``path``, checked on their own and, when the ``<run-id>.json`` beside them is there
+        (a sealed ``.npz`` requires it), against that record (``integrity.check_per_example_file``)."""
+        from . import integrity
+
         path = Path(path)
         try:
-            with np.load(path, allow_pickle=False) as data:
-                missing = [k for k in PER_EXAMPLE_KEYS if k not in data.files]
-                if missing:
-                    raise RecordError(f"{path}: missing array(s) {missing}")
-                arrays = {k: data[k] for k in PER_EXAMPLE_KEYS}
-        except (OSError, ValueError) as exc:
+            data = path.read_bytes()
+        except OSError as exc:
             raise RecordError(f"{path}: cannot read per-example arrays ({exc})") from None
-        out = cls(**arrays)
-        out.check(str(path))
+        out = cls.from_bytes(data, str(path))
+        integrity.check_per_example_file(path, out)
+        return out
+
+    @classmethod
+    def from_bytes(cls, data: bytes, origin: str = "per-example arrays") -> "PerExample":
+        """Arrays from the bytes of a ``.npz``, checked for internal consistency only."""
+        from .integrity import load_arrays
+
+        arrays = load_arrays(data, origin)
+        missing = [k for k in PER_EXAMPLE_KEYS if k not in arrays]
+        if missing:
+            raise RecordError(f"{origin}: missing array(s) {missing}")
+        stamp = arrays.get("config_hash")
+        out = cls(**{k: arrays[k] for k in PER_EXAMPLE_KEYS},
+                  config_hash=None if stamp is None else str(stamp))
+        out.check(origin)
         return out
 
 

@@ -10,6 +10,7 @@ the same batches, hence the same result.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import time
@@ -22,15 +23,16 @@ import torch
 from torch import nn
 
 from zoo.errors import BadInputError, RunStateError, ZooError
+from zoo.fileio import atomic_write_bytes
 
+from . import devices, integrity
 from .attacks.compiled import compiled_for_attacks
 from .attacks.engine import AttackView, engine_class
 from .estimate import Plan, estimate, fmt_seconds, plan_text
 from .options import RunOptions
-from .progress import StageProgress
-from . import devices
 from .precision import autocast_dtype, cudnn_in_effect, precision_mode, strict_fp32, tf32_in_effect
 from .prepare import Setup, library_versions, prepare
+from .progress import StageProgress
 from .record import Accuracy, RunRecord, Stage, per_example_path
 from .sharding import merge_states, shard_bounds, shard_path, unfinished_shards, wait_for_shards
 from .state import CLEAN_STAGE, ShardState, config_differences, read_config, write_config_once
@@ -174,7 +176,7 @@ def _record_batch(setup: Setup, state: ShardState, attack: str, stage: int, pos:
 def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> RunRecord:
     o = setup.opts
     merged = merge_states(setup.run_dir, setup.config_hash, setup.data.indices, split)
-    pe = merged.per_example
+    pe = dataclasses.replace(merged.per_example, config_hash=setup.config_hash)
     check_adversarial(pe, setup.data.x.numpy(), setup.norm, setup.eps)
     ties = verify_predictions(setup, pe)
     n = setup.n
@@ -205,9 +207,11 @@ def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> Ru
                "model_dataset": o.dataset, "run_dir": str(setup.run_dir.resolve()),
                "finished": _now()},
         trained_threat=o.trained_threat)   # differs from threat when a checkpoint is evaluated cross-threat
+    arrays = pe.to_bytes()
+    record = dataclasses.replace(record, integrity=integrity.seal(arrays, setup.config, doc["invocation"]))
     record.validate()
     json_path = setup.results_dir / record.relative_path()
-    pe.write(per_example_path(json_path))   # arrays first: the JSON never points at a missing file
+    atomic_write_bytes(per_example_path(json_path), arrays)   # arrays first: the JSON never points at a missing file
     record.write(setup.results_dir)
     return record
 

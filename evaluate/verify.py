@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .integrity import ball_problems, perturbation_norms  # noqa: F401 (perturbation_norms: re-exported)
 from .precision import strict_fp32
 from .prepare import Setup
 from .record import PerExample
@@ -26,18 +27,6 @@ class AdversarialCheckError(RuntimeError):
     """
 
 
-def perturbation_norms(delta: np.ndarray, norm: str) -> np.ndarray:
-    """Per-example norm of perturbations (any shape with examples first), computed in float64."""
-    flat = np.asarray(delta, dtype=np.float64).reshape(len(delta), -1)
-    if norm == "Linf":
-        return np.abs(flat).max(axis=1, initial=0.0)
-    if norm == "L2":
-        return np.sqrt((flat ** 2).sum(axis=1))
-    if norm == "L1":
-        return np.abs(flat).sum(axis=1)
-    raise ValueError(f"unknown norm {norm!r}")
-
-
 def check_adversarial(per_example: PerExample, x_clean: np.ndarray, norm: str, eps: float,
                       tolerance: float = 1e-6) -> None:
     """Every stored adversarial image is finite, inside [0, 1] and within eps of its clean image.
@@ -45,23 +34,7 @@ def check_adversarial(per_example: PerExample, x_clean: np.ndarray, norm: str, e
     The tolerance is ``tolerance * max(1, eps)``: absolute for the usual Linf/L2 radii, relative for the
     large L1 radius where float32 sums over 3072 pixels round by more than 1e-6.
     """
-    adv = per_example.x_adv
-    pos = per_example.adv_positions
-    problems = []
-    if adv.size and not np.all(np.isfinite(adv)):
-        bad = pos[~np.isfinite(adv.reshape(len(adv), -1)).all(axis=1)]
-        problems.append(f"{len(bad)} adversarial image(s) contain NaN/inf (positions {bad[:5].tolist()})")
-    elif adv.size and (adv.min() < 0 or adv.max() > 1):
-        bad = pos[((adv < 0) | (adv > 1)).reshape(len(adv), -1).any(axis=1)]
-        problems.append(f"{len(bad)} adversarial image(s) leave [0, 1] (range [{adv.min():g}, {adv.max():g}], "
-                        f"positions {bad[:5].tolist()})")
-    if adv.size and not problems:
-        norms = perturbation_norms(adv - np.asarray(x_clean, np.float32)[pos], norm)
-        limit = eps + tolerance * max(1.0, eps)
-        over = norms > limit
-        if over.any():
-            problems.append(f"{int(over.sum())} adversarial image(s) exceed the {norm} budget {eps:.6g} "
-                            f"(largest norm {norms.max():.8g}, positions {pos[over][:5].tolist()})")
+    problems = ball_problems(per_example.x_adv, per_example.adv_positions, x_clean, norm, eps, tolerance)
     if problems:
         raise AdversarialCheckError("adversarial examples fail validation: " + "; ".join(problems)
                                     + " (a bug in the attack engine: no result was written)")

@@ -167,3 +167,22 @@ def test_source_links(monkeypatch):
     # an unpinned Hub repo is not published yet, so the submission leaves it out
     text = mi.submission_text([full_run()])
     assert "huggingface.co" not in text and "WRN-28-10_cifar10.pt" in text
+
+
+@pytest.mark.parametrize("provenance, says", [
+    ("pinned", "evaluated: released checkpoint (sha256 " + "ab" * 32 + ")"),
+    ("local-release", "evaluated: released checkpoint (sha256 " + "ab" * 32 + ")"),
+    ("local-unverified", "evaluated: local file, not verified against a release (sha256 " + "ab" * 32 + ")"),
+    ("first-use", "evaluated: downloaded file, not verified against a release (trusted on first use"),
+    (None, "evaluated: checkpoint not verified against a release (the record predates provenance)"),
+])
+def test_submission_says_whether_the_weights_are_a_release(provenance, says):
+    text = mi.submission_text([full_run(provenance=provenance)])
+    assert says in text
+    assert ("released checkpoint" in text) == (provenance in ("pinned", "local-release"))
+
+
+def test_model_info_keeps_robustbench_keys_whatever_the_provenance():
+    for provenance in ("pinned", "local-unverified", None):
+        entry = mi.model_info(full_run(provenance=provenance))
+        assert tuple(entry) == mi.MODEL_INFO_KEYS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pandas as pd
 import pytest
 from tests.support.reports import FIXTURES, check_golden, make_record
 
@@ -90,3 +91,33 @@ def test_cli_paper_default_results_folder(tmp_path, capsys, monkeypatch):
 def test_cli_paper_rejects_other_formats(fmt, capsys):
     assert main(["paper", "--format", fmt]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_only_released_checkpoints_count_as_reproductions(tmp_path):
+    # cifar10 WRN-28-10: a released run, and a newer run on a local unverified file (shown, not counted)
+    make_record(clean=8855, robust=6090, created="2025-02-01T00:00:00+00:00", run_id="released").write(tmp_path)
+    make_record(clean=9500, robust=7000, created="2025-03-01T00:00:00+00:00", run_id="mine",
+                provenance="local-unverified").write(tmp_path)
+    # cifar10 WRN-70-16: only a record older than provenance, which does not count either
+    make_record(model="score-wrn-70-16", clean=8900, robust=6330, run_id="old", provenance=None).write(tmp_path)
+    # cifar100 WRN-28-10: a --checkpoint copy of the release (local-release) counts
+    make_record(dataset="cifar100", clean=6300, robust=3100, run_id="copy", provenance="local-release").write(tmp_path)
+    table = pt.build_paper_table(tmp_path)
+    rows = [(r.evaluation.model, r.evaluation.dataset, r.record.run_id if r.record else None, r.status)
+            for r in table.rows]
+    assert rows == [
+        ("score-wrn-28-10", "cifar10", "released", "full test set"),
+        ("score-wrn-28-10", "cifar10", "mine", "unverified weights (local-unverified), not counted"),
+        ("score-wrn-70-16", "cifar10", None, "not yet reproduced"),
+        ("score-wrn-70-16", "cifar10", "old", "unverified weights (provenance not recorded), not counted"),
+        ("score-wrn-28-10", "cifar100", "copy", "full test set"),
+        ("score-wrn-70-16", "cifar100", None, "not yet reproduced")]
+    frame = table.to_frame()
+    mine = frame[frame.run_id == "mine"].iloc[0]
+    assert mine.robust_ours == 70.0 and pd.isna(mine.robust_delta) and mine.provenance == "local-unverified"
+    assert round(frame[frame.run_id == "released"].iloc[0].robust_delta, 2) == -0.14
+    text = pt.to_markdown(table)
+    assert "run released, seed 0, n=10000, 2025-02-01T00:00:00+00:00; released checkpoint (sha256 " + "ab" * 32 in text
+    assert "run mine, seed 0, n=10000, 2025-03-01T00:00:00+00:00; local file, not verified against a release" in text
+    assert "run copy" in text and "Rows marked 'unverified weights'" in text
+    assert "unverified weights (local-unverified), not counted" in text

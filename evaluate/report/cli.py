@@ -97,10 +97,11 @@ def _read_records(paths: list[str], strict: bool) -> list[RunRecord]:
     records, problems = [], []
     for path in paths:
         try:
-            record = RunRecord.read(path)
+            record, notes = RunRecord.read_checked(path)   # integrity-checked (see zoo.evaluate.integrity)
         except BadInputError as exc:
             problems.append(f"{exc} -- excluded")
             continue
+        _warn(notes)
         if not record.complete and not strict:
             problems.append(leaderboard.unfinished_warning(path, record))
             continue

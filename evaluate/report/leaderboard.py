@@ -70,10 +70,11 @@ def load_records(results_dir: str | Path) -> LoadedRecords:
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue
         try:
-            record = RunRecord.read(path)
+            record, notes = RunRecord.read_checked(path)   # integrity-checked (see zoo.evaluate.integrity)
         except BadInputError as exc:
             out.warnings.append(f"{exc} -- excluded")
             continue
+        out.warnings += notes
         if not record.complete:
             out.warnings.append(unfinished_warning(path, record))
             continue

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo.errors import BadInputError
+from zoo.pins import RELEASED
 from zoo.domain import DATASET_TABLE, THREAT_TABLE, parse_eps
 from zoo.registry import ModelInfo, Source, info
 
@@ -48,6 +49,25 @@ def same_eps(a: float, b: float) -> bool:
 def is_partial(record: RunRecord) -> bool:
     full = FULL_TEST_SET.get(record.dataset)
     return full is None or record.n_ex < full
+
+
+def is_released(record: RunRecord) -> bool:
+    """The evaluated weights are a released checkpoint (provenance in ``zoo.pins.RELEASED``: their sha256 matched
+    one pinned in checkpoints.yaml). Older records, which do not say, are not."""
+    return record.checkpoint.get("provenance") in RELEASED and bool(record.checkpoint.get("sha256"))
+
+
+def checkpoint_statement(record: RunRecord) -> str:
+    """What the evaluated weights were, for readers of a table or a submission."""
+    sha = record.checkpoint.get("sha256")
+    if is_released(record):
+        return f"released checkpoint (sha256 {sha})"
+    provenance = record.checkpoint.get("provenance")
+    if provenance in ("first-use", "local-pin"):
+        return f"downloaded file, not verified against a release (trusted on first use; sha256 {sha})"
+    if provenance is None:
+        return "checkpoint not verified against a release (the record predates provenance)"
+    return "local file, not verified against a release" + (f" (sha256 {sha})" if sha else "")
 
 
 def refuse_custom_data(record: RunRecord) -> None:
@@ -181,7 +201,6 @@ def submission_text(records: list[RunRecord], allow_partial: bool = False) -> st
         variant = meta.variant(record.dataset, record.threat)
         # an unpinned Hub repo (revision null) is not published yet: do not send reviewers there
         links = ", ".join(source_link(s) for s in variant.sources if s.kind != "hub" or s.revision)
-        sha = record.checkpoint.get("sha256")
         code = f"; code: {paper.code}" if paper.code else ""
         lines += [
             f"## Model {number}", "",
@@ -195,7 +214,7 @@ def submission_text(records: list[RunRecord], allow_partial: bool = False) -> st
             f"- **Evaluation method**: AutoAttack {record.version} ({', '.join(record.attacks)}), "
             f"seed {record.seed}, n_ex {record.n_ex}" + (" (partial: not the full test set)"
                                                         if is_partial(record) else ""),
-            f"- **Checkpoint and code**: {links}" + (f" (evaluated file sha256 {sha})" if sha else "") + code,
+            f"- **Checkpoint and code**: {links}; evaluated: {checkpoint_statement(record)}" + code,
             "",
         ]
     lines += ["# Model Zoo:", "",

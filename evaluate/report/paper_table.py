@@ -10,8 +10,14 @@ In Python the table is a pandas DataFrame::
     frame = build_paper_table("results").to_frame()
     # dataset, model, threat, eps, clean_reported, clean_ours, clean_delta, robust_reported, robust_ours,
     # robust_delta, clean_ci_low, clean_ci_high, robust_ci_low, robust_ci_high (floats in %, NA where not
-    # reproduced yet; the exact 95% Clopper-Pearson interval of ours), n_ex (nullable int), status, run_id
+    # reproduced yet; the exact 95% Clopper-Pearson interval of ours), n_ex (nullable int), status, run_id,
+    # provenance (of the evaluated checkpoint)
     frame[frame.robust_delta.abs() > 0.5]
+
+Only runs on a released checkpoint (provenance ``pinned`` or ``local-release``, ``zoo.pins.RELEASED``) count as
+reproductions. The latest run on other weights (a local file, a first-use download, a record older than
+provenance) gets a row of its own after the paper's row, labelled "unverified weights ... not counted",
+with no Δ; the notes say for each run "released checkpoint (sha256 …)" or that it was not verified.
 
 Printed, a full row shows Δ = ours − reported; a partial row (fewer than all 10000 test points) shows the 95%
 interval of our number in the Δ column instead, since a subset's difference alone says little.
@@ -30,7 +36,7 @@ from zoo.registry import info
 
 from . import tables
 from .leaderboard import DATASET_LABEL, latest_runs, load_records
-from .model_info import FULL_TEST_SET, format_eps, is_partial
+from .model_info import FULL_TEST_SET, checkpoint_statement, format_eps, is_partial, is_released
 from ..record import RunRecord
 
 PAPER_MODELS = ("score-wrn-28-10", "score-wrn-70-16")
@@ -59,11 +65,15 @@ class PaperRow:
     reported_clean: float
     reported_robust: float
     record: RunRecord | None
+    unverified: bool = False         # a run on weights that are not a released checkpoint: shown, not counted
 
     @property
     def status(self) -> str:
         if self.record is None:
             return "not yet reproduced"
+        if self.unverified:
+            return f"unverified weights ({self.record.checkpoint.get('provenance') or 'provenance not recorded'}), " \
+                   "not counted"
         if is_partial(self.record):
             full = FULL_TEST_SET.get(self.evaluation.dataset, "?")
             return f"partial (n={self.record.n_ex} of {full})"
@@ -82,11 +92,14 @@ class PaperTable:
         if any(row.record is not None and is_partial(row.record) for row in self.rows):
             notes.append("Partial rows (a subset of the test set) show [low, high], the exact 95% (Clopper-Pearson) "
                          "interval of our number, in place of Δ.")
+        if any(row.unverified for row in self.rows):
+            notes.append("Rows marked 'unverified weights' evaluated a checkpoint that was not verified against a "
+                         "release (provenance not pinned or local-release): shown, but not counted as reproductions.")
         for row in self.rows:
             if row.record is not None:
                 ev, r = row.evaluation, row.record
                 notes.append(f"{ev.model} on {DATASET_LABEL[ev.dataset]}: run {r.run_id}, seed {r.seed}, "
-                             f"n={r.n_ex}, {r.created}.")
+                             f"n={r.n_ex}, {r.created}; {checkpoint_statement(r)}.")
         return notes
 
     def to_frame(self) -> pd.DataFrame:
@@ -97,18 +110,24 @@ class PaperTable:
 def build_paper_table(results_dir: str | Path | None) -> PaperTable:
     loaded = load_records(results_dir) if results_dir is not None else None
     records = loaded.records if loaded else []
+    released = [r for r in records if is_released(r)]   # only released checkpoints reproduce the paper
+    others = [r for r in records if not is_released(r)]
     rows = []
     for ev in paper_suite():
         variant = info(ev.model).variant(ev.dataset, ev.threat)
-        match = latest_runs(records, ev.dataset, ev.threat, variant.eps_value).get(ev.model)
-        rows.append(PaperRow(ev, variant.reported["clean_acc"], variant.reported["autoattack_acc"], match))
+        reported = variant.reported["clean_acc"], variant.reported["autoattack_acc"]
+        match = latest_runs(released, ev.dataset, ev.threat, variant.eps_value).get(ev.model)
+        rows.append(PaperRow(ev, *reported, match))
+        other = latest_runs(others, ev.dataset, ev.threat, variant.eps_value).get(ev.model)
+        if other is not None:
+            rows.append(PaperRow(ev, *reported, other, unverified=True))
     return PaperTable(rows=rows, warnings=loaded.warnings if loaded else [])
 
 
 #: The columns of ``PaperTable.to_frame()``: accuracies in %, NA where a row is not reproduced yet.
 FRAME_COLUMNS = ("dataset", "model", "threat", "eps", "clean_reported", "clean_ours", "clean_delta",
                  "robust_reported", "robust_ours", "robust_delta", "clean_ci_low", "clean_ci_high", "robust_ci_low",
-                 "robust_ci_high", "n_ex", "status", "run_id")
+                 "robust_ci_high", "n_ex", "status", "run_id", "provenance")
 _FLOAT_COLUMNS = FRAME_COLUMNS[4:14]
 
 HEADERS = ["Dataset", "Model", "eps", "Clean (paper)", "Clean (ours)", "Δ clean", "AA (paper)", "AA (ours)",
@@ -122,12 +141,14 @@ def _frame(table: PaperTable) -> pd.DataFrame:
     for row in table.rows:
         ev, r = row.evaluation, row.record
         clean, robust = (r.clean.percent, r.robust.percent) if r else (None, None)
+        counted = r is not None and not row.unverified   # an unverified run's numbers get no Δ
         eps = format_eps(info(ev.model).variant(ev.dataset, ev.threat).eps_value, ev.threat)
         rows.append((ev.dataset, ev.model, ev.threat, eps,
-                     row.reported_clean, clean, None if clean is None else clean - row.reported_clean,
-                     row.reported_robust, robust, None if robust is None else robust - row.reported_robust,
+                     row.reported_clean, clean, clean - row.reported_clean if counted else None,
+                     row.reported_robust, robust, robust - row.reported_robust if counted else None,
                      *(r.clean.interval if r else (None, None)), *(r.robust.interval if r else (None, None)),
-                     r.n_ex if r else None, row.status, r.run_id if r else None))
+                     r.n_ex if r else None, row.status, r.run_id if r else None,
+                     r.checkpoint.get("provenance") if r else None))
     frame = pd.DataFrame.from_records(rows, columns=list(FRAME_COLUMNS))
     return frame.astype({c: "float64" for c in _FLOAT_COLUMNS} | {"n_ex": "Int64"})
 

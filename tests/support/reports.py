@@ -21,9 +21,10 @@ def make_record(model: str = "score-wrn-28-10", dataset: str = "cifar10", threat
                 eps: str = "8/255", clean: int = 8861, robust: int = 6104, n: int = 10000,
                 stages: tuple[int, ...] | None = None, run_id: str | None = None,
                 created: str = "2025-01-01T00:00:00+00:00", complete: bool = True, version: str = "standard",
-                seed: int = 0) -> RunRecord:
+                seed: int = 0, provenance: str | None = "pinned") -> RunRecord:
     """A consistent record; ``stages`` are the robust counts after each standard attack (default: a
-    plausible decreasing sequence ending at ``robust``)."""
+    plausible decreasing sequence ending at ``robust``); ``provenance``: the checkpoint's (default a pinned
+    release; None for a record older than provenance)."""
     from zoo.domain import parse_eps
 
     if stages is None:
@@ -37,7 +38,8 @@ def make_record(model: str = "score-wrn-28-10", dataset: str = "cifar10", threat
         stages=tuple(Stage(attack=a, robust=Accuracy(c, n), seconds=1.5 * (i + 1))
                      for i, (a, c) in enumerate(zip(STANDARD_ATTACKS, stages))),
         engine="pyautoattack", precision="fp32", batch_size=500, libraries={"torch": "2.4.1", "autoattack": "0.2.0"},
-        device="fixture", checkpoint={"source": "fixture", "sha256": "ab" * 32, "path": "fixture.pt"},
+        device="fixture", checkpoint={"source": "fixture", "sha256": "ab" * 32, "path": "fixture.pt",
+                                      **({} if provenance is None else {"provenance": provenance})},
         data={"source": "file", "path": "fixture.npz", "sha256": "cd" * 32}, config_hash="0" * 16,
         created=created, complete=complete)
 
