@@ -21,7 +21,7 @@ from typing import Any
 
 from zoo.errors import BadInputError, ZooError, run_cli
 
-from . import model_source, runner
+from . import checks, model_source, runner
 from .options import RunOptions
 
 log = logging.getLogger("zoo.evaluate")
@@ -114,6 +114,7 @@ def _summary(record) -> str:
              f"n={record.n_ex}  seed={record.seed}  batch={record.batch_size}", row("clean", record.clean)]
     lines += [row(s.attack, s.robust, f"  {s.seconds:.1f} s") for s in record.stages]
     lines.append(row("robust", record.robust))
+    lines += checks.summary_lines(record.checks)   # the reliability block
     return "\n".join(lines)
 
 

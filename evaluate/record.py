@@ -22,7 +22,8 @@ from zoo.fileio import atomic_write_bytes, atomic_write_text
 
 from .stats import clopper_pearson
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2            # 2: the reliability ``checks`` section
+READABLE_SCHEMA_VERSIONS = (1, 2)   # version 1 records (no checks) still read, with checks None
 
 
 def percent(count: int, total: int) -> float:
@@ -96,10 +97,20 @@ class RunRecord:
     complete: bool = True
     per_example_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, Any] | None = None   # reliability checks (evaluate/checks.py); None in version-1 records
 
     @property
     def n_ex(self) -> int:
         return len(self.indices)
+
+    @property
+    def unreliable(self) -> bool:
+        """The checks' verdict (README: "Reliability checks"); False for records without checks."""
+        return bool(self.checks and self.checks.get("unreliable"))
+
+    @property
+    def unreliable_because(self) -> list[str]:
+        return list(self.checks.get("because", [])) if self.unreliable else []
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
@@ -119,8 +130,9 @@ class RunRecord:
     def from_dict(cls, data: Any, origin: str = "record") -> "RunRecord":
         if not isinstance(data, dict):
             raise RecordError(f"{origin}: not a JSON object")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise RecordError(f"{origin}: schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+        if data.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+            raise RecordError(f"{origin}: schema_version {data.get('schema_version')!r}, expected one of "
+                              f"{list(READABLE_SCHEMA_VERSIONS)}")
         names = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
@@ -204,6 +216,7 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "batch_size": ((int,), "an integer"),
     "complete": ((bool,), "true or false"),
     "per_example_file": ((str, type(None)), "a string or null"),
+    "checks": ((dict, type(None)), "an object or null"),
     **{k: ((dict,), "an object") for k in ("libraries", "checkpoint", "data", "extra", "clean", "robust")},
     **{k: ((list,), "a list") for k in ("attacks", "indices", "stages")},
 }

@@ -239,7 +239,7 @@ def test_cli_usage_errors_return_2(capsys):
 
 @pytest.mark.parametrize("field, value", [
     ("created", 5), ("created", "yesterday"), ("eps_value", "8/255"), ("model", None), ("dataset", 3),
-    ("complete", "false"), ("stages", [1, 2]), ("clean", [1]), ("indices", None), ("schema_version", 2),
+    ("complete", "false"), ("stages", [1, 2]), ("clean", [1]), ("indices", None), ("schema_version", 3),
 ])
 def test_wrongly_typed_record_is_named_and_excluded(tmp_path, field, value):
     import json
