@@ -11,7 +11,9 @@ the same batches, hence the same result.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import logging
+import os
 import shutil
 import sys
 import time
@@ -24,12 +26,13 @@ import torch
 from torch import nn
 
 from zoo.errors import BadInputError, RunStateError, ZooError
+from zoo.fileio import remove_stale_temp_files
 
 from .attacks.compiled import compiled_for_attacks
 from .attacks.engine import AttackView, engine_class
 from .estimate import Plan, estimate, fmt_seconds, plan_text
 from .options import RunOptions
-from . import checks, devices
+from . import checks, devices, runlock
 from .precision import autocast_dtype, cudnn_in_effect, precision_mode, strict_fp32, tf32_in_effect
 from .prepare import Setup, library_versions, prepare
 from .record import Accuracy, RunRecord, Stage, per_example_path
@@ -279,10 +282,32 @@ def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> Ru
                "model_dataset": o.dataset, "run_dir": str(setup.run_dir.resolve()),
                "finished": _now()})
     record.validate()
-    json_path = setup.results_dir / record.relative_path()
-    pe.write(per_example_path(json_path))   # arrays first: the JSON never points at a missing file
-    record.write(setup.results_dir)
+    _write_record(setup, record, pe)
     return record
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _write_record(setup: Setup, record: RunRecord, pe) -> None:
+    """Arrays first, so the JSON never points at a missing file; a failure of either leaves neither (a JSON
+    already there from an earlier finalisation of this run keeps its arrays). A full, over-quota or read-only
+    disk is the user's to fix: the run state stays, and re-running writes the record."""
+    json_path = setup.results_dir / record.relative_path()
+    npz_path = per_example_path(json_path)
+    remove_stale_temp_files(json_path.parent)
+    try:
+        pe.write(npz_path)
+        record.write(setup.results_dir)
+    except OSError as exc:
+        if not json_path.exists():
+            npz_path.unlink(missing_ok=True)
+        if exc.errno not in _DISK_FULL:
+            raise
+        raise ZooError(f"cannot write the record into {json_path.parent} ({exc.strerror or os.strerror(exc.errno)})",
+                       hint=f"free space (or fix the folder) and re-run the same command: the finished run is kept "
+                            f"in {setup.run_dir} and resumes straight to writing the record, without attacking "
+                            "again") from None
 
 
 def _now() -> str:
@@ -290,13 +315,20 @@ def _now() -> str:
 
 
 def _execute(setup: Setup, live: Live) -> RunRecord | None:
-    created = _now()
-    stamp = created.replace("-", "").replace(":", "").replace("+0000", "")[:15]
+    """The run, holding the run folder's lock (``runlock``) throughout; orphaned temp files go first."""
     try:
         setup.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BadInputError(f"cannot create the run folder {setup.run_dir} ({exc.strerror})",
                             hint="pass --run-dir with a folder you can write to") from None
+    with runlock.holding(setup.run_dir, setup.shard):
+        remove_stale_temp_files(setup.run_dir)
+        return _execute_locked(setup, live)
+
+
+def _execute_locked(setup: Setup, live: Live) -> RunRecord | None:
+    created = _now()
+    stamp = created.replace("-", "").replace(":", "").replace("+0000", "")[:15]
     doc = write_config_once(setup.run_dir, {
         "config": setup.config, "config_hash": setup.config_hash, "invocation": setup.invocation,
         "created": created, "run_id": f"{stamp}-{setup.config_hash[:8]}"})
