@@ -174,3 +174,13 @@ def test_version1_record_still_reads(tmp_path):
     old = RunRecord.from_dict(doc)
     assert old.checks is None and old.unreliable is False
     assert "not checked" in cli._summary(old)
+
+
+def test_fp32_rejections_and_ties_are_reported_but_do_not_decide():
+    # bf16 needs a GPU, so the runner's bf16 path is exercised in test_eval_devices; the judgement is here
+    rejected = checks.check_fp32_rejected("bf16", ["apgd-ce", "square"], [2, 0])
+    assert rejected.fired and rejected.details["per_attack"] == {"apgd-ce": 2, "square": 0}
+    assert checks.check_fp32_rejected("fp32", ["apgd-ce"], [0]).status == checks.SKIPPED
+    ties = checks.check_ties([{"position": 0, "index": 0, "margin": 0.0, "flag": "robust"}])
+    section = checks.section([rejected, ties])
+    assert not section["unreliable"] and section["because"] == []

@@ -4,6 +4,7 @@ cleaned on the next run (never a live writer's); a run folder worked on by one p
 import errno
 import logging
 import os
+import subprocess
 import time
 
 import pytest
@@ -131,7 +132,7 @@ def test_second_process_on_a_run_folder_stops_at_once(env, capsys):
         "import sys\nfrom zoo.evaluate import runlock\n"
         f"with runlock.holding({str(run_dir)!r}):\n"
         "    print('LOCKED', flush=True)\n"
-        "    sys.stdin.read()\n", stdin=__import__("subprocess").PIPE)
+        "    sys.stdin.read()\n", stdin=subprocess.PIPE)
     try:
         assert holder.stdout.readline().strip() == "LOCKED", holder.stderr.read()
         started = time.monotonic()
