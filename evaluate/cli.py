@@ -22,7 +22,7 @@ from typing import Any
 
 from zoo.errors import BadInputError, ZooError, run_cli
 
-from . import model_source, runner
+from . import checks, model_source, runner
 from .options import RunOptions
 
 log = logging.getLogger("zoo.evaluate")
@@ -128,6 +128,7 @@ def _summary(record) -> str:
     lines.append(row("corruptions" if record.kind == "corruptions" else "robust", record.robust))
     if record.trained_threat and record.trained_threat != record.threat:
         lines.append(f"  (checkpoint trained for {record.trained_threat}, evaluated under {record.threat})")
+    lines += checks.summary_lines(record.checks)   # the reliability block
     return "\n".join(lines)
 
 

@@ -24,7 +24,8 @@ from zoo.fileio import atomic_write_bytes, atomic_write_text
 from .stats import clopper_pearson
 
 SCHEMA_VERSION = 2
-#: Versions still read: 1 (before corruptions records and trained_threat) reads with their defaults.
+#: Versions still read: 1 (before corruptions records, trained_threat, the reliability checks and the
+#: integrity seal) reads with their defaults.
 READABLE_SCHEMA_VERSIONS = (1, 2)
 #: What a record measured: robust accuracy under AutoAttack, or accuracy on common corruptions.
 KINDS = ("autoattack", "corruptions")
@@ -111,10 +112,20 @@ class RunRecord:
     # the seal checked by every reader (see integrity.py): per_example_sha256, config, invocation; None in
     # records written before it existed
     integrity: dict[str, Any] | None = None
+    checks: dict[str, Any] | None = None   # reliability checks (evaluate/checks.py); None in version-1 records
 
     @property
     def n_ex(self) -> int:
         return len(self.indices)
+
+    @property
+    def unreliable(self) -> bool:
+        """The checks' verdict (README: "Reliability checks"); False for records without checks."""
+        return bool(self.checks and self.checks.get("unreliable"))
+
+    @property
+    def unreliable_because(self) -> list[str]:
+        return list(self.checks.get("because", [])) if self.unreliable else []
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
@@ -267,12 +278,13 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "corruptions": ((dict, type(None)), "an object or null"),
     "per_example_file": ((str, type(None)), "a string or null"),
     "integrity": ((dict, type(None)), "an object or null"),
+    "checks": ((dict, type(None)), "an object or null"),
     **{k: ((dict,), "an object") for k in ("libraries", "checkpoint", "data", "extra", "clean", "robust")},
     **{k: ((list,), "a list") for k in ("attacks", "indices", "stages")},
 }
 
 
-_SCHEMA2_FIELDS = {"kind", "trained_threat", "corruptions"}
+_SCHEMA2_FIELDS = {"kind", "trained_threat", "corruptions", "checks", "integrity"}
 
 
 def _is_type(value: Any, types: tuple[type, ...]) -> bool:

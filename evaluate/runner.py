@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import errno
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +25,9 @@ import torch
 from torch import nn
 
 from zoo.errors import BadInputError, RunStateError, ZooError
-from zoo.fileio import atomic_write_bytes
+from zoo.fileio import atomic_write_bytes, remove_stale_temp_files
 
-from . import devices, integrity
+from . import checks, devices, integrity, runlock
 from .attacks.compiled import compiled_for_attacks
 from .attacks.engine import AttackView, engine_class
 from .estimate import Plan, estimate, fmt_seconds, plan_text
@@ -79,8 +81,9 @@ def _run_shard(setup: Setup, live: Live, state: ShardState, path: Path) -> None:
     show = o.progress and setup.is_rank0
     with torch.no_grad(), precision_mode(o.precision, dev):
         if state.stage == CLEAN_STAGE:
-            engine.preflight(x_all[:B].to(dev), y_all[:B].to(dev))
-            view.take_counts()  # the checks' forward passes are not an attack's cost
+            state.preflight = _measure(setup, engine, x_all[:B].to(dev), y_all[:B].to(dev))
+            if setup.is_rank0:
+                checks.warn(_preflight_checks(setup, [state.preflight]))
             t0 = time.perf_counter()
             pred = torch.empty(n, dtype=torch.int64)
             for start in range(0, n, B):
@@ -119,6 +122,7 @@ def _run_shard(setup: Setup, live: Live, state: ShardState, path: Path) -> None:
                     f, b = view.take_counts()
                     state.forward_images[s] += f
                     state.backward_images[s] += b
+                    _add_zero_gradients(state, s, engine.take_zero_gradients())
                     state.batches_done += len(chunk)
                     state.save(path)
                     bar.end_chunk(sum(len(p) for p in chunk), int(state.robust.sum()), n)
@@ -131,6 +135,52 @@ def _run_shard(setup: Setup, live: Live, state: ShardState, path: Path) -> None:
             if show:
                 log.info("after %s: robust %d/%d (%.2f%%)", attack, state.robust.sum(), n,
                          100.0 * state.robust.sum() / n)
+
+
+def _measure(setup: Setup, engine, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """checks.measure_model in fp32, plus the target-class counts the class check needs."""
+    with strict_fp32(setup.device):
+        facts = checks.measure_model(setup.model, x, y)
+    aa = getattr(engine, "autoattack", None)   # both engines read their settings from pyautoattack's object
+    facts["apgd_targets"] = int(aa.apgd_targeted.n_target_classes) if aa is not None else 0
+    facts["fab_targets"] = int(aa.fab.n_target_classes) if aa is not None else 0
+    return facts
+
+
+def _add_zero_gradients(state: ShardState, stage: int, points: int | None) -> None:
+    """Add an engine's count to the stage's; a stage begun without counting (an older state file) stays None."""
+    if state.batches_done == 0 and state.zero_gradients[stage] is None:
+        state.zero_gradients[stage] = 0
+    if points is None or state.zero_gradients[stage] is None:
+        if points is None:
+            state.zero_gradients[stage] = None
+        return
+    state.zero_gradients[stage] += int(points)
+
+
+def _preflight_checks(setup: Setup, facts: list[dict[str, Any]]) -> list[checks.Check]:
+    if not facts:
+        return []
+    return checks.preflight_checks(facts, version=setup.opts.version, dataset_classes=setup.data.num_classes,
+                                   attacks=setup.attacks, apgd_targets=facts[0].get("apgd_targets", 0),
+                                   fab_targets=facts[0].get("fab_targets", 0))
+
+
+def _reliability(setup: Setup, merged, ties: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record's ``checks`` section (see checks.py for the rule behind ``unreliable``)."""
+    pe = merged.per_example
+    square = setup.attacks.index("square") if "square" in setup.attacks else None
+    before = int(pe.robust_after(square - 1).sum()) if square else None
+    late = [checks.check_zero_gradients(setup.attacks, merged.zero_gradients),
+            checks.check_square(setup.attacks, pe.broken_by, before, setup.n),
+            checks.check_fp32_rejected(setup.opts.precision, setup.attacks, merged.rejected),
+            checks.check_ties(ties)]
+    checks.warn([c for c in late if c.name != "decision_ties"])   # verify already warned about ties
+    early = _preflight_checks(setup, merged.preflight)
+    if not early:
+        early = [checks.Check(name, checks.SKIPPED, "not measured (run state from before the checks)")
+                 for name in ("randomized", "probabilities", "dynamic", "classes")]
+    return checks.section(early + late)
 
 
 def _attack_chunk(setup: Setup, engine, state: ShardState, attack: str, stage: int, chunk: list[np.ndarray],
@@ -181,14 +231,11 @@ def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> Ru
     ties = verify_predictions(setup, pe)
     n = setup.n
     stages = []
-    by_stage = {"clean": float(pe.clean_correct.mean())}
     for s, attack in enumerate(setup.attacks):
         robust_s = int(pe.robust_after(s).sum())
         stages.append(Stage(attack=attack, robust=Accuracy(robust_s, n), seconds=merged.stage_seconds[s],
                             forward_passes=int(merged.forward_images[s]),
                             backward_passes=int(merged.backward_images[s])))
-        by_stage[attack] = robust_s / n
-    setup.engine(AttackView(setup.model)).finish(by_stage)
     record = RunRecord(
         run_id=doc["run_id"], model=setup.label, dataset=setup.data.dataset, threat=o.threat, norm=setup.norm,
         eps=o.eps, eps_value=setup.eps, version=o.version, attacks=setup.attacks, seed=o.seed,
@@ -198,7 +245,7 @@ def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> Ru
         libraries=library_versions(), device=devices.name(setup.device),
         checkpoint={k: setup.checkpoint.get(k) for k in ("source", "sha256", "path", "weights_sha256", "provenance")},
         data=dict(setup.data.source), config_hash=setup.config_hash, created=doc["created"], complete=True,
-        per_example_file=f"{doc['run_id']}.npz",
+        per_example_file=f"{doc['run_id']}.npz", checks=_reliability(setup, merged, ties),
         extra={"shards": merged.shard_count, "channels_last": o.channels_last, "torch_compile": o.torch_compile,
                "tf32": tf32_in_effect(o.precision, setup.device), "cudnn": cudnn_in_effect(setup.device),
                "clean_seconds": round(merged.clean_seconds, 3),
@@ -210,10 +257,32 @@ def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> Ru
     arrays = pe.to_bytes()
     record = dataclasses.replace(record, integrity=integrity.seal(arrays, setup.config, doc["invocation"]))
     record.validate()
-    json_path = setup.results_dir / record.relative_path()
-    atomic_write_bytes(per_example_path(json_path), arrays)   # arrays first: the JSON never points at a missing file
-    record.write(setup.results_dir)
+    _write_record(setup, record, arrays)
     return record
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _write_record(setup: Setup, record: RunRecord, arrays: bytes) -> None:
+    """Arrays first, so the JSON never points at a missing file; a failure of either leaves neither (a JSON
+    already there from an earlier finalisation of this run keeps its arrays). A full, over-quota or read-only
+    disk is the user's to fix: the run state stays, and re-running writes the record."""
+    json_path = setup.results_dir / record.relative_path()
+    npz_path = per_example_path(json_path)
+    remove_stale_temp_files(json_path.parent)
+    try:
+        atomic_write_bytes(npz_path, arrays)   # the sealed bytes (integrity)
+        record.write(setup.results_dir)
+    except OSError as exc:
+        if not json_path.exists():
+            npz_path.unlink(missing_ok=True)
+        if exc.errno not in _DISK_FULL:
+            raise
+        raise ZooError(f"cannot write the record into {json_path.parent} ({exc.strerror or os.strerror(exc.errno)})",
+                       hint=f"free space (or fix the folder) and re-run the same command: the finished run is kept "
+                            f"in {setup.run_dir} and resumes straight to writing the record, without attacking "
+                            "again") from None
 
 
 def _now() -> str:
@@ -221,13 +290,20 @@ def _now() -> str:
 
 
 def _execute(setup: Setup, live: Live) -> RunRecord | None:
-    created = _now()
-    stamp = created.replace("-", "").replace(":", "").replace("+0000", "")[:15]
+    """The run, holding the run folder's lock (``runlock``) throughout; orphaned temp files go first."""
     try:
         setup.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BadInputError(f"cannot create the run folder {setup.run_dir} ({exc.strerror})",
                             hint="pass --run-dir with a folder you can write to") from None
+    with runlock.holding(setup.run_dir, setup.shard):
+        remove_stale_temp_files(setup.run_dir)
+        return _execute_locked(setup, live)
+
+
+def _execute_locked(setup: Setup, live: Live) -> RunRecord | None:
+    created = _now()
+    stamp = created.replace("-", "").replace(":", "").replace("+0000", "")[:15]
     doc = write_config_once(setup.run_dir, {
         "config": setup.config, "config_hash": setup.config_hash, "invocation": setup.invocation,
         "created": created, "run_id": f"{stamp}-{setup.config_hash[:8]}"})

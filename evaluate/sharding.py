@@ -135,6 +135,8 @@ class Merged:
     backward_images: list[int]
     rejected: list[int]
     shard_count: int
+    zero_gradients: list[int | None]          # None: some shard did not count them
+    preflight: list[dict]                     # each shard's checks.measure_model facts (where measured)
 
 
 def _split_of(path: Path) -> int:
@@ -223,4 +225,7 @@ def merge_states(run_dir: Path, config_hash: str, indices: tuple[int, ...], coun
 
     return Merged(per_example=per_example, clean_seconds=sum(s.clean_seconds for _, s in states),
                   stage_seconds=total("stage_seconds"), forward_images=total("forward_images"),
-                  backward_images=total("backward_images"), rejected=total("rejected"), shard_count=len(states))
+                  backward_images=total("backward_images"), rejected=total("rejected"), shard_count=len(states),
+                  zero_gradients=[None if any(s.zero_gradients[i] is None for _, s in states)
+                                  else sum(s.zero_gradients[i] for _, s in states) for i in range(n_stages)],
+                  preflight=[s.preflight for _, s in states if s.preflight is not None])

@@ -114,6 +114,8 @@ class ShardState:
     forward_images: list[int] = field(default_factory=list)
     backward_images: list[int] = field(default_factory=list)
     rejected: list[int] = field(default_factory=list)  # claimed successes an fp32 forward did not confirm
+    zero_gradients: list[int | None] = field(default_factory=list)  # points with zero APGD gradient; None: not counted
+    preflight: dict[str, Any] | None = None   # checks.measure_model on the shard's first batch, once clean is done
 
     @classmethod
     def new(cls, config_hash_: str, shard_index: int, shard_count: int, positions: np.ndarray, n_stages: int,
@@ -125,7 +127,7 @@ class ShardState:
                    robust=np.zeros(n, bool), broken_by=np.full(n, -1, np.int16), adv_pred=np.full(n, -1, np.int64),
                    stage_start_robust=np.zeros(n, bool), x_adv=np.zeros((n, *image_shape), np.float32),
                    stage_seconds=[0.0] * n_stages, forward_images=[0] * n_stages,
-                   backward_images=[0] * n_stages, rejected=[0] * n_stages)
+                   backward_images=[0] * n_stages, rejected=[0] * n_stages, zero_gradients=[None] * n_stages)
 
     @property
     def done(self) -> bool:
@@ -136,7 +138,8 @@ class ShardState:
                 "shard_count": self.shard_count, "n_stages": self.n_stages, "stage": self.stage,
                 "batches_done": self.batches_done, "clean_seconds": self.clean_seconds,
                 "stage_seconds": self.stage_seconds, "forward_images": self.forward_images,
-                "backward_images": self.backward_images, "rejected": self.rejected}
+                "backward_images": self.backward_images, "rejected": self.rejected,
+                "zero_gradients": self.zero_gradients, "preflight": self.preflight}
 
     def to_bytes(self) -> bytes:
         fooled = np.flatnonzero(self.broken_by >= 0)
@@ -189,7 +192,10 @@ class ShardState:
                         stage_start_robust=arrays["stage_start_robust"], x_adv=x_adv,
                         clean_seconds=meta["clean_seconds"], stage_seconds=list(meta["stage_seconds"]),
                         forward_images=list(meta["forward_images"]), backward_images=list(meta["backward_images"]),
-                        rejected=list(meta["rejected"]))
+                        rejected=list(meta["rejected"]),
+                        # state files written before the reliability checks: not counted, not measured
+                        zero_gradients=list(meta.get("zero_gradients", [None] * meta["n_stages"])),
+                        preflight=meta.get("preflight"))
         except (KeyError, ValueError, IndexError, TypeError) as exc:
             raise RunStateError(f"run state {path} is malformed ({type(exc).__name__}: {exc})", hint=fix) from None
         problem = state.inconsistency()
@@ -206,7 +212,7 @@ class ShardState:
             return f"stage = {self.stage!r}, outside {CLEAN_STAGE}..{self.n_stages}"
         if not isinstance(self.batches_done, int) or self.batches_done < 0:
             return f"batches_done = {self.batches_done!r}"
-        per_stage = ("stage_seconds", "forward_images", "backward_images", "rejected")
+        per_stage = ("stage_seconds", "forward_images", "backward_images", "rejected", "zero_gradients")
         if any(len(getattr(self, name)) != self.n_stages for name in per_stage):
             return "per-stage lists do not have one entry per stage"
         per_example = ("clean_pred", "clean_correct", "robust", "broken_by", "adv_pred", "stage_start_robust")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +21,8 @@ def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    # the owner (pid@host) is in the name so a later clean-up can tell a live writer's file from an orphan
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{temp_owner()}.", suffix=suffix)
     os.close(fd)
     tmp = Path(name)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results and caches are often shared by a group
@@ -27,6 +31,12 @@ def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temp_owner() -> str:
+    """``pid@host`` of this process, as written into temp file names (host without dots or odd characters)."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+    return f"{os.getpid()}@{host}"
 
 
 def _umask() -> int:
@@ -54,3 +64,59 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- orphaned temp files
+
+_TEMP_NAME = re.compile(r"^\..+\.tmp$")
+_TEMP_OWNER = re.compile(r"\.(\d+)@([A-Za-z0-9_-]+)\.[^.]+\.tmp$")
+STALE_TEMP_SECONDS = 3600.0
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:   # e.g. EPERM: it exists, under another user
+        return False
+    return False
+
+
+def stale_temp_files(folder: str | Path, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """The ``.<name>.*.tmp`` files ``atomic_output`` left in ``folder`` (not recursive) that no writer owns:
+    written by a process of this host that is gone, or, when the owner cannot be checked (another host, an
+    older name without the owner), not touched for ``max_age`` seconds. A live writer's file on this host is
+    never stale, however old."""
+    folder = Path(folder)
+    try:
+        candidates = [p for p in folder.iterdir() if _TEMP_NAME.match(p.name) and p.is_file()]
+    except OSError:
+        return []
+    _, host = temp_owner().split("@", 1)
+    now = time.time()
+    stale = []
+    for p in candidates:
+        owner = _TEMP_OWNER.search(p.name)
+        if owner and owner.group(2) == host:
+            if _process_gone(int(owner.group(1))):
+                stale.append(p)
+            continue
+        try:
+            if now - p.stat().st_mtime > max_age:
+                stale.append(p)
+        except OSError:   # removed meanwhile
+            continue
+    return stale
+
+
+def remove_stale_temp_files(folder: str | Path, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Delete ``stale_temp_files(folder)``; returns what was removed (errors skip a file, never raise)."""
+    removed = []
+    for p in stale_temp_files(folder, max_age):
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            continue
+    return removed

@@ -67,6 +67,12 @@ class Engine:
         """Upper bound of (forward, backward) passes per example for ``attack``."""
         raise NotImplementedError
 
+    def take_zero_gradients(self) -> int | None:
+        """Points attacked since the last call whose initial APGD gradient (DLR and targeted DLR losses) was
+        exactly zero, counted as pyautoattack's ``checks.check_zero_gradients`` counts them (once per run of
+        APGD: per restart and per target class); None when the engine does not count them."""
+        return None
+
 
 class AttackView(nn.Module):
     """The model as the attacks see it: counts images forwarded / backpropagated, optionally bf16 autocast.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import pyautoattack
 import torch
+from pyautoattack import autopgd_base
 from torch import nn
 
 from .engine import KNOWN_ATTACKS, Engine
@@ -23,6 +25,27 @@ class ReferenceEngine(Engine):
         self.autoattack = pyautoattack.AutoAttack(model, attacks=list(attacks) if version == "custom" else None,
                                            device=device, eps=eps, norm=norm, seed=self.seed, version=version)
         self.attacks = tuple(self.autoattack.attacks_to_run)
+        self.zero_gradient_points = 0
+
+    @contextlib.contextmanager
+    def _counting_zero_gradients(self) -> Iterator[None]:
+        """pyautoattack's APGD hands its initial gradient to ``check_zero_gradients``, which only logs; while
+        attacking, that name in ``autopgd_base`` points at a wrapper that counts the points, then logs as before."""
+        original = autopgd_base.check_zero_gradients
+
+        def counting(grad, logger=None):
+            self.zero_gradient_points += int((grad.reshape(grad.shape[0], -1).abs().sum(-1) == 0).sum())
+            return original(grad, logger=logger)
+
+        autopgd_base.check_zero_gradients = counting
+        try:
+            yield
+        finally:
+            autopgd_base.check_zero_gradients = original
+
+    def take_zero_gradients(self) -> int:
+        points, self.zero_gradient_points = self.zero_gradient_points, 0
+        return points
 
     @staticmethod
     def attacks_for(version: str, norm: str) -> list[str]:
@@ -57,7 +80,8 @@ class ReferenceEngine(Engine):
         raise ValueError(f"unknown attack {attack!r}; known: {', '.join(KNOWN_ATTACKS)}")
 
     def attack_batch(self, attack: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.configured(attack).perturb(x, y)
+        with self._counting_zero_gradients():
+            return self.configured(attack).perturb(x, y)
 
     def replay(self, done: Sequence[str]) -> None:
         for attack in done:

@@ -143,6 +143,7 @@ class Entry:
     robust_interval: tuple[float, float] | None = None  # exact 95% interval in %, our runs only (counts needed)
     trained_threat: str | None = None   # set when a checkpoint trained for another norm threat is evaluated here:
     #                                     listed after the ranked rows, unranked, with a footnote (never ranked)
+    unreliable: bool = False     # our run's reliability checks fired (or RobustBench's entry says so)
 
 
 @dataclass
@@ -173,7 +174,8 @@ def _entry_from_record(record: RunRecord) -> Entry:
                  architecture=meta.architecture.label if meta else None, venue=meta.paper.venue if meta else None,
                  n_ex=record.n_ex, source=f"score-zoo run {record.run_id}", ours=True, score=meta is not None,
                  additional_data=meta.additional_data if meta else None, robust_interval=record.robust.interval,
-                 trained_threat=record.trained_threat if is_cross_threat(record) else None)
+                 trained_threat=record.trained_threat if is_cross_threat(record) else None,
+                 unreliable=record.unreliable)
 
 
 def is_cross_threat(record: RunRecord) -> bool:
@@ -256,7 +258,8 @@ def build_leaderboard(dataset: str, threat: str, eps: float | None = None, resul
                              architecture=pub.data.get("architecture"), venue=pub.data.get("venue") or "Unpublished",
                              n_ex=FULL_TEST_SET.get(dataset), source="RobustBench model_info", ours=False,
                              score=pub.model_id in score_ids,
-                             additional_data=extra if isinstance(extra, bool) else None))
+                             additional_data=extra if isinstance(extra, bool) else None,
+                             unreliable=pub.data.get("unreliable") is True))
     if not entries:
         others = ", ".join(format_eps(v, threat) for v in candidates if not same_eps(v, eps)) or "none"
         versions = sorted({r.version for r in records if (r.dataset, r.threat) == (dataset, threat)
@@ -303,6 +306,10 @@ def _notes(entries: list[Entry], dataset: str) -> list[str]:
         notes.append(f"Rows use different numbers of test points, so they are not strictly comparable ({groups}).")
     elif full is not None and entries and entries[0].n_ex is not None and entries[0].n_ex < full:
         notes.append(f"All rows use a subset of {entries[0].n_ex} of the {full} test points (partial runs).")
+    if any(e.unreliable for e in entries):
+        notes.append(f"{UNRELIABLE_MARK.strip()} unreliable evaluation: a reliability check fired (randomised or "
+                     "dynamic model, probability outputs, zero gradients, Square beating the gradient attacks, "
+                     "class count); the robust accuracy may be overestimated.")
     return notes
 
 
@@ -311,9 +318,10 @@ def _notes(entries: list[Entry], dataset: str) -> list[str]:
 #: The columns of ``Leaderboard.to_frame()``; the CSV file is this frame without ``ours`` and ``score``.
 FRAME_COLUMNS = ("rank", "model_id", "paper", "link", "clean_acc", "robust_acc", "robust_ci_low", "robust_ci_high",
                  "additional_data", "architecture", "venue", "n_ex", "source", "dataset", "threat", "eps", "ours",
-                 "score")
+                 "score", "unreliable")
 INTERVAL_COLUMNS = ("robust_ci_low", "robust_ci_high")
-CSV_COLUMNS = tuple(c for c in FRAME_COLUMNS[:-2] if c not in INTERVAL_COLUMNS)   # + INTERVAL_COLUMNS on request
+CSV_COLUMNS = tuple(c for c in FRAME_COLUMNS[:-3] if c not in INTERVAL_COLUMNS)   # + INTERVAL_COLUMNS on request
+UNRELIABLE_MARK = " ‡"
 
 
 def _frame(board: Leaderboard) -> pd.DataFrame:
@@ -321,18 +329,19 @@ def _frame(board: Leaderboard) -> pd.DataFrame:
     ranks = list(range(1, len(ranked) + 1)) + [None] * (len(board.entries) - len(ranked))   # cross-threat: none
     rows = [(rank, e.model_id + (" ‡" if e.trained_threat else ""), e.paper, e.link, e.clean, e.robust,
              *(e.robust_interval if e.robust_interval else (None, None)), e.additional_data, e.architecture,
-             e.venue, e.n_ex, e.source, board.dataset, board.threat, board.eps, e.ours, e.score)
+             e.venue, e.n_ex, e.source, board.dataset, board.threat, board.eps, e.ours, e.score, e.unreliable)
             for rank, e in zip(ranks, board.entries)]
     frame = pd.DataFrame.from_records(rows, columns=list(FRAME_COLUMNS))
     return frame.astype({"rank": "Int64", "clean_acc": "float64", "robust_acc": "float64", "robust_ci_low": "float64",
                          "robust_ci_high": "float64", "additional_data": "boolean", "n_ex": "Int64", "ours": "bool",
-                         "score": "bool"})
+                         "score": "bool", "unreliable": "bool"})
 
 
 def _marks(frame: pd.DataFrame) -> pd.Series:
     """' †' after our rows when the table mixes them with published ones."""
     mixed = bool(frame["ours"].any() and not frame["ours"].all())
-    return frame["ours"].map(lambda ours: " †" if ours and mixed else "")
+    ours = frame["ours"].map(lambda ours: " †" if ours and mixed else "")
+    return ours + frame["unreliable"].map(lambda bad: UNRELIABLE_MARK if bad else "")
 
 
 def _text(value: object) -> str:

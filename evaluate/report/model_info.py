@@ -129,7 +129,7 @@ def model_info(record: RunRecord, allow_partial: bool = False) -> dict[str, Any]
         "reported": f"{variant.reported['autoattack_acc']:.2f}",
         "autoattack_acc": f"{record.robust.percent:.2f}",
         "footnote": meta.footnote,
-        "unreliable": False,
+        "unreliable": record.unreliable,   # the reliability checks' verdict (README: Reliability checks)
     }
 
 
@@ -215,6 +215,7 @@ def submission_text(records: list[RunRecord], allow_partial: bool = False) -> st
             f"seed {record.seed}, n_ex {record.n_ex}" + (" (partial: not the full test set)"
                                                         if is_partial(record) else ""),
             f"- **Checkpoint and code**: {links}; evaluated: {checkpoint_statement(record)}" + code,
+            _reliability_line(record),
             "",
         ]
     lines += ["# Model Zoo:", "",
@@ -225,6 +226,15 @@ def submission_text(records: list[RunRecord], allow_partial: bool = False) -> st
               "- [ ] I want my models to be released under a custom license, located here: (custom license URL here)",
               ""]
     return "\n".join(lines)
+
+
+def _reliability_line(record: RunRecord) -> str:
+    if record.checks is None:
+        return "- **Reliability checks**: not recorded (record from before the checks)"
+    if record.unreliable:
+        return ("- **Reliability checks**: UNRELIABLE: " + "; ".join(
+            f"{name}: {record.checks['results'][name]['reason']}" for name in record.unreliable_because))
+    return "- **Reliability checks**: none fired (randomness, dynamic model, gradient masking, Square, classes)"
 
 
 # ---------------------------------------------------------------- reading published entries

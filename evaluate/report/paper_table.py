@@ -35,7 +35,7 @@ import pandas as pd
 from zoo.registry import info
 
 from . import tables
-from .leaderboard import DATASET_LABEL, latest_runs, load_records
+from .leaderboard import DATASET_LABEL, UNRELIABLE_MARK, latest_runs, load_records
 from .model_info import FULL_TEST_SET, checkpoint_statement, format_eps, is_partial, is_released
 from ..record import RunRecord
 
@@ -74,10 +74,11 @@ class PaperRow:
         if self.unverified:
             return f"unverified weights ({self.record.checkpoint.get('provenance') or 'provenance not recorded'}), " \
                    "not counted"
+        mark = UNRELIABLE_MARK if self.record.unreliable else ""
         if is_partial(self.record):
             full = FULL_TEST_SET.get(self.evaluation.dataset, "?")
-            return f"partial (n={self.record.n_ex} of {full})"
-        return "full test set"
+            return f"partial (n={self.record.n_ex} of {full}){mark}"
+        return "full test set" + mark
 
 
 @dataclass
@@ -95,6 +96,12 @@ class PaperTable:
         if any(row.unverified for row in self.rows):
             notes.append("Rows marked 'unverified weights' evaluated a checkpoint that was not verified against a "
                          "release (provenance not pinned or local-release): shown, but not counted as reproductions.")
+        unreliable = [row for row in self.rows if row.record is not None and row.record.unreliable]
+        if unreliable:
+            notes.append(f"{UNRELIABLE_MARK.strip()} unreliable evaluation: reliability check(s) fired ("
+                         + "; ".join(f"{row.evaluation.model} on {DATASET_LABEL[row.evaluation.dataset]}: "
+                                     + ", ".join(row.record.unreliable_because) for row in unreliable)
+                         + "); the robust accuracy may be overestimated.")
         for row in self.rows:
             if row.record is not None:
                 ev, r = row.evaluation, row.record
@@ -127,7 +134,7 @@ def build_paper_table(results_dir: str | Path | None) -> PaperTable:
 #: The columns of ``PaperTable.to_frame()``: accuracies in %, NA where a row is not reproduced yet.
 FRAME_COLUMNS = ("dataset", "model", "threat", "eps", "clean_reported", "clean_ours", "clean_delta",
                  "robust_reported", "robust_ours", "robust_delta", "clean_ci_low", "clean_ci_high", "robust_ci_low",
-                 "robust_ci_high", "n_ex", "status", "run_id", "provenance")
+                 "robust_ci_high", "n_ex", "status", "run_id", "provenance", "unreliable")
 _FLOAT_COLUMNS = FRAME_COLUMNS[4:14]
 
 HEADERS = ["Dataset", "Model", "eps", "Clean (paper)", "Clean (ours)", "Δ clean", "AA (paper)", "AA (ours)",
@@ -148,7 +155,7 @@ def _frame(table: PaperTable) -> pd.DataFrame:
                      row.reported_robust, robust, robust - row.reported_robust if counted else None,
                      *(r.clean.interval if r else (None, None)), *(r.robust.interval if r else (None, None)),
                      r.n_ex if r else None, row.status, r.run_id if r else None,
-                     r.checkpoint.get("provenance") if r else None))
+                     r.checkpoint.get("provenance") if r else None, bool(r and r.unreliable)))
     frame = pd.DataFrame.from_records(rows, columns=list(FRAME_COLUMNS))
     return frame.astype({c: "float64" for c in _FLOAT_COLUMNS} | {"n_ex": "Int64"})
 

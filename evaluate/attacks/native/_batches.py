@@ -49,6 +49,14 @@ class ModelCalls:
         self.fp32_model = _fp32_module(model)
         self.precision = precision
         self.counts: dict[str, int] = {"forward": 0, "backward": 0, "fp32_check": 0}
+        self._zero_gradients: list[Tensor] = []   # per APGD run, kept on the device until asked for
+
+    def note_zero_gradients(self, grad: Tensor) -> None:
+        """Count the points whose gradient is exactly zero (pyautoattack's check_zero_gradients)."""
+        self._zero_gradients.append((grad.reshape(grad.shape[0], -1).abs().sum(-1) == 0).sum())
+
+    def zero_gradient_points(self) -> int:
+        return int(sum(int(c) for c in self._zero_gradients))
 
     def _autocast(self, x: Tensor):
         if self.precision == "bf16":

@@ -144,13 +144,16 @@ class _Step:
 # ---------------------------------------------------------------- one run on a set of points
 
 def run(calls: ModelCalls, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor], Tensor], x_start: Tensor,
-        s: ApgdSettings) -> tuple[Tensor, Tensor]:
-    """One APGD run from ``x_start``; returns (robust at every iterate, last misclassified iterate)."""
+        s: ApgdSettings, check_zero: bool = False) -> tuple[Tensor, Tensor]:
+    """One APGD run from ``x_start``; returns (robust at every iterate, last misclassified iterate).
+    ``check_zero``: count the points whose initial gradient is zero (the reference does for DLR losses)."""
     n = x.shape[0]
     take_step = _Step(x, s)
     x_adv = x_start
     x_best_adv = x_adv.clone()
     logits, loss, grad = calls.loss_and_grad(x_adv, loss_fn)
+    if check_zero:
+        calls.note_zero_gradients(grad)
     robust = logits.max(1)[1] == y
     x_best, loss_best, grad_best = x_adv.clone(), loss.clone(), grad.clone()
     loss_history = torch.zeros(s.n_iter, n, device=x.device)
@@ -198,7 +201,8 @@ def _start_noise(x: Tensor, idx: Tensor, layout: ReferenceBatches, s: ApgdSettin
 
 def _attack_still_robust(calls: ModelCalls, x: Tensor, y: Tensor, robust: Tensor, x_out: Tensor,
                          layout: ReferenceBatches, s: ApgdSettings,
-                         loss_for: Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]]) -> bool:
+                         loss_for: Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]],
+                         check_zero: bool = False) -> bool:
     """One APGD run (one restart) on the points still robust, updating ``robust`` and ``x_out`` with the
     confirmed successes; False when no point was left to attack. ``loss_for(xs, ys)`` builds the loss."""
     idx = robust.nonzero().squeeze(1)
@@ -207,7 +211,7 @@ def _attack_still_robust(calls: ModelCalls, x: Tensor, y: Tensor, robust: Tensor
     xs, ys = x[idx], y[idx]
     loss = loss_for(xs, ys)
     start = random_start(xs, _start_noise(x, idx, layout, s), s)
-    still, adv = run(calls, xs, ys, loss, start, s)
+    still, adv = run(calls, xs, ys, loss, start, s, check_zero)
     fooled = calls.confirm(adv, ys, ~still)
     robust[idx[fooled]] = False
     x_out[idx[fooled]] = adv[fooled]
@@ -221,7 +225,8 @@ def untargeted(calls: ModelCalls, x: Tensor, y: Tensor, layout: ReferenceBatches
     x_out = x.clone()
     robust = calls.logits(x).max(1)[1] == y
     for _ in range(s.n_restarts):
-        if not _attack_still_robust(calls, x, y, robust, x_out, layout, s, lambda xs, ys: make_loss(ys)):
+        if not _attack_still_robust(calls, x, y, robust, x_out, layout, s, lambda xs, ys: make_loss(ys),
+                                    check_zero=loss == "dlr"):
             break
     return x_out
 
@@ -236,6 +241,6 @@ def targeted(calls: ModelCalls, x: Tensor, y: Tensor, layout: ReferenceBatches, 
             return targeted_dlr_loss(ys, calls.logits(xs).sort(dim=1)[1][:, -rank])
 
         for _ in range(s.n_restarts):
-            if not _attack_still_robust(calls, x, y, robust, x_out, layout, s, towards_rank):
+            if not _attack_still_robust(calls, x, y, robust, x_out, layout, s, towards_rank, check_zero=True):
                 return x_out
     return x_out

@@ -96,6 +96,7 @@ class NativeEngine(Engine):
         self.eps = float(eps)
         self.attacks = self.reference.attacks
         self.counters: dict[str, dict[str, int]] = {}
+        self.zero_gradient_points = 0
         self.delegated_attacks: dict[str, str] = {}
         for attack in KNOWN_ATTACKS:
             reason = self._why_not_native(attack)
@@ -142,6 +143,7 @@ class NativeEngine(Engine):
                 x_adv = self._run_native(attack, calls, xs, ys, layout)
             for key, value in calls.counts.items():
                 counts[key] += value
+            self.zero_gradient_points += calls.zero_gradient_points()
             out.extend(x_adv.split(layout.sizes))
         return out
 
@@ -221,3 +223,8 @@ class NativeEngine(Engine):
 
     def cost_per_point(self, attack: str, num_classes: int) -> tuple[int, int]:
         return self.reference.cost_per_point(attack, num_classes)
+
+    def take_zero_gradients(self) -> int:
+        """Native APGD's count plus the reference's for delegated attacks."""
+        points, self.zero_gradient_points = self.zero_gradient_points, 0
+        return points + self.reference.take_zero_gradients()
