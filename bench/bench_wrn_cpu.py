@@ -103,10 +103,12 @@ def best_batch(model, x, log) -> int:
     for batch in (4, 8, 16):
         if batch > x.shape[0]:
             break
-        xb = x[:batch].clone().requires_grad_(True)
-        t = time.perf_counter()
-        torch.autograd.grad(model(xb).sum(), xb)
-        per = (time.perf_counter() - t) / batch
+        per = float("inf")
+        for _ in range(2):   # the faster of two (a shared machine is noisy)
+            xb = x[:batch].clone().requires_grad_(True)
+            t = time.perf_counter()
+            torch.autograd.grad(model(xb).sum(), xb)
+            per = min(per, (time.perf_counter() - t) / batch)
         log(f"#   batch {batch:3d}: {per * 1e3:.0f} ms per image forward+backward (fp32, frozen)")
         if best_t is None or per < best_t:
             best, best_t = batch, per
@@ -200,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     e2e = Row("native-bf16", model, "native", 32, "bf16", eps=args.e2e_eps, full=True)
     robust = torch.ones(n, dtype=torch.bool)
     log(f"{'stage':8} {'points':>6} {'fwd':>7} {'bwd':>7} {'predicted fwd+bwd':>18} {'projected s':>11} "
-        f"{'measured s':>10} {'ratio':>6}")
-    proj_total = meas_total = 0.0
+        f"{'from counted s':>14} {'measured s':>10} {'ratio':>6}")
+    proj_total = meas_total = counted_total = 0.0
     for attack in STAGES:
         idx = robust.nonzero().squeeze(1)
         if idx.numel() == 0:
@@ -215,12 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         f, b = e2e.view.take_counts()
         with torch.no_grad():
             robust[idx[model(adv).max(1)[1] != ye[idx]]] = False
-        projected = predicted / rate[attack]
+        projected, counted = predicted / rate[attack], (f + b) / rate[attack]
         proj_total += projected
+        counted_total += counted
         meas_total += seconds
-        log(f"{attack:8} {idx.numel():6d} {f:7d} {b:7d} {predicted:18d} {projected:11.1f} {seconds:10.1f} "
-            f"{seconds / projected:6.2f}", flush=True)
-    log(f"{'total':8} {'':6} {'':7} {'':7} {'':18} {proj_total:11.1f} {meas_total:10.1f} "
+        log(f"{attack:8} {idx.numel():6d} {f:7d} {b:7d} {predicted:18d} {projected:11.1f} {counted:14.1f} "
+            f"{seconds:10.1f} {seconds / projected:6.2f}", flush=True)
+    log(f"{'total':8} {'':6} {'':7} {'':7} {'':18} {proj_total:11.1f} {counted_total:14.1f} {meas_total:10.1f} "
         f"{meas_total / proj_total:6.2f}")
     log(f"# end: load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0

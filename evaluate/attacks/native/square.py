@@ -157,7 +157,10 @@ class _Search:
         self.loss[active] = torch.where(better, margin_new, lm)
         better = (better | (margin_new <= 0.)) & alive
         self.margin[active] = torch.where(better, margin_new, mm)
-        # only the improved rows are written (the others would be written back unchanged)
+        if x_new.device.type != "cpu":   # no host synchronisation per query on a GPU
+            self.x_best[active] = torch.where(better.view(-1, 1, 1, 1), x_new, self.x_best[active])
+            return
+        # on a CPU only the improved rows are written (the others would be written back unchanged)
         rows = better.nonzero().squeeze(1)
         if rows.numel():
             self.x_best[rows if isinstance(active, slice) else active[rows]] = x_new[rows]
