@@ -157,7 +157,13 @@ class _Search:
         self.loss[active] = torch.where(better, margin_new, lm)
         better = (better | (margin_new <= 0.)) & alive
         self.margin[active] = torch.where(better, margin_new, mm)
-        self.x_best[active] = torch.where(better.view(-1, 1, 1, 1), x_new, self.x_best[active])
+        if x_new.device.type != "cpu":   # no host synchronisation per query on a GPU
+            self.x_best[active] = torch.where(better.view(-1, 1, 1, 1), x_new, self.x_best[active])
+            return
+        # on a CPU only the improved rows are written (the others would be written back unchanged)
+        rows = better.nonzero().squeeze(1)
+        if rows.numel():
+            self.x_best[rows if isinstance(active, slice) else active[rows]] = x_new[rows]
 
     def _start(self, x_best: Tensor) -> None:
         self.x_best = x_best
@@ -184,6 +190,9 @@ class _LinfSearch(_Search):
         lefts = lefts.to(self.device)
         colours = _signs(draws[:, :, 2:]).to(self.device)
 
+        # Only the square changes: x_best is already inside the eps ball and [0, 1], so clamping it again is
+        # the identity outside the window; the window gets the reference's arithmetic, element for element.
+        lo, hi = (x - s.eps).reshape(n, c, h * w), (x + s.eps).reshape(n, c, h * w)
         active: Tensor | slice = slice(None)
         for i in range(q):
             if i % compact_every == 0:
@@ -191,11 +200,15 @@ class _LinfSearch(_Search):
                 if active is None:
                     break
             b = self.owner[active]
-            inside = _window_mask(tops[b, i], lefts[b, i], sides[i], h, w)
-            bump = (2. * s.eps) * colours[b, i].view(-1, c, 1, 1)
-            xa = x[active]
-            x_new = self.x_best[active] + torch.where(inside, bump, 0.)
-            x_new = torch.clamp(torch.min(torch.max(x_new, xa - s.eps), xa + s.eps), 0., 1.)
+            x_new = self.x_best[active]
+            x_new = x_new.clone() if isinstance(active, slice) else x_new
+            na = x_new.shape[0]
+            spots = _window_index(tops[b, i], lefts[b, i], sides[i], w, c)
+            flat = x_new.view(na, c, h * w)
+            bump = (2. * s.eps) * colours[b, i].view(-1, c, 1)
+            window = flat.gather(2, spots) + bump
+            window = torch.min(torch.max(window, lo[active].gather(2, spots)), hi[active].gather(2, spots))
+            flat.scatter_(2, spots, torch.clamp(window, 0., 1.))
             self._accept(active, x_new, margins(self.calls.logits(x_new), self.y[active]))
         return self.x_best
 
