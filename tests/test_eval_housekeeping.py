@@ -12,7 +12,7 @@ import pytest
 from tests.support import helpers as h
 from zoo import fileio
 from zoo.errors import RunStateError, ZooError
-from zoo.evaluate import cli, record as record_mod, run, runlock
+from zoo.evaluate import cli, record as record_mod, run, runlock, runner
 
 
 @pytest.fixture(autouse=True)
@@ -41,22 +41,23 @@ def _files(folder):
                                            ("npz", errno.ENOSPC)])
 def test_full_disk_leaves_no_half_record_and_rerun_writes_it(env, monkeypatch, capsys, failing, code):
     results, run_dir, argv = env
-    name = "atomic_write_text" if failing == "json" else "atomic_write_bytes"
-    real = getattr(record_mod, name)
+    # the JSON goes through the record module; the arrays are the sealed bytes the runner writes itself
+    module, name = (record_mod, "atomic_write_text") if failing == "json" else (runner, "atomic_write_bytes")
+    real = getattr(module, name)
 
     def full(path, data):
         if str(path).startswith(str(results)):
             raise OSError(code, os.strerror(code))
         return real(path, data)
 
-    monkeypatch.setattr(record_mod, name, full)
+    monkeypatch.setattr(module, name, full)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "cannot write the record into" in err and str(results) in err and "re-run" in err
     assert "Traceback" not in err
     assert not [f for f in _files(results) if f.endswith((".npz", ".json"))], "half a record was left"
     assert any(f.startswith("shard-") for f in _files(run_dir)), "the run state was not kept"
-    monkeypatch.setattr(record_mod, name, real)
+    monkeypatch.setattr(module, name, real)
     assert cli.main(argv) == 0
     written = _files(results)
     assert sum(f.endswith(".json") for f in written) == 1 and sum(f.endswith(".npz") for f in written) == 1

@@ -116,8 +116,8 @@ def test_cross_threat_rows_are_marked_and_never_ranked(tmp_path):
 def test_schema_1_records_still_read(tmp_path):
     doc = make_record().to_dict()
     doc["schema_version"] = 1
-    for key in ("kind", "trained_threat", "corruptions"):
-        doc.pop(key)
+    for key in ("kind", "trained_threat", "corruptions", "checks", "integrity"):   # what schema 2 added
+        doc.pop(key, None)
     record = RunRecord.from_dict(doc)
     assert (record.kind, record.trained_threat, record.corruptions) == ("autoattack", None, None)
     doc["kind"] = "autoattack"
