@@ -131,7 +131,8 @@ def _submit_slurm(args: argparse.Namespace, argv: list[str]) -> int:
     if args.shard is not None:
         raise BadInputError("--slurm picks the shards itself", hint="drop --shard and set --shards K")
     base = _strip_slurm_flags(argv)
-    executor = submitit.AutoExecutor(folder=args.slurm_log_dir, cluster=args.slurm_cluster)
+    executor = submitit.AutoExecutor(folder=args.slurm_log_dir,
+                                     **({"cluster": args.slurm_cluster} if args.slurm_cluster else {}))
     params = {"timeout_min": args.slurm_time, "gpus_per_node": args.slurm_gpus, "tasks_per_node": 1,
               "slurm_array_parallelism": args.shards}
     if args.slurm_partition:
