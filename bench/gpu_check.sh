@@ -45,12 +45,14 @@ if [ "${GPU_CHECK_TESTS:-1}" != 0 ] && "$PY" -c "import torch, pytest, yaml; ass
     rm -rf /tmp/zoo-site
     if "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
             --target /tmp/zoo-site . >/tmp/zoo-install.log 2>&1; then
-        echo "# CUDA-only tests (tests/test_eval_devices.py -k gpu), at most ${TEST_LIMIT} s"
+        echo "# CUDA-only tests (tests/test_eval_devices.py, tests/test_eval_bf16.py: bf16 initial mask; -k gpu)," \
+            "at most ${TEST_LIMIT} s"
         # From /tmp: `python -m pytest` puts its working directory first on sys.path, and ./zoo lacks evaluate/.
         # --import-mode=importlib: the default would put the repo root (tests/ is a package) ahead of
         # /tmp/zoo-site; this way zoo comes from /tmp/zoo-site and `tests.support` from the checkout on PYTHONPATH.
         (cd /tmp && PYTHONPATH=/tmp/zoo-site:$PYTHONPATH timeout -s INT -k 10 "$TEST_LIMIT" "$PY" -m pytest -q \
-            -p no:cacheprovider --import-mode=importlib "$OLDPWD/tests/test_eval_devices.py" -k gpu) 2>&1 | tee /tmp/gpu-tests.log | tail -n 30
+            -p no:cacheprovider --import-mode=importlib "$OLDPWD/tests/test_eval_devices.py" \
+            "$OLDPWD/tests/test_eval_bf16.py" -k gpu) 2>&1 | tee /tmp/gpu-tests.log | tail -n 30
         TEST_RC=${PIPESTATUS[0]}
         TESTS=$(grep -E " in [0-9.]+s" /tmp/gpu-tests.log | tail -n 1)
         TESTS=${TESTS:-"no pytest summary (stopped at ${TEST_LIMIT} s?): see gpu_tests.log"}

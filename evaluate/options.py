@@ -99,7 +99,8 @@ class RunOptions:
     # the device it was finished on.
     device: str | None = _option(None, "cpu, cuda or cuda:N (default: cuda when available; under torchrun each "
                                        "rank uses GPU LOCAL_RANK)", hashed=NOT_HASHED)
-    precision: str = _option("fp32", "fp32 (exact); tf32 or bf16 on GPUs (bf16 successes are re-checked in fp32)",
+    precision: str = _option("fp32", "fp32 (exact); tf32 on GPUs; bf16 on GPUs and on CPUs with native bf16 "
+                                     "(AMX/AVX512-BF16): bf16 drives the attacks, every flag comes from fp32",
                              hashed=VALUE, choices=_precisions)
     engine: str = _option("reference", "attack implementation", hashed=VALUE, choices=_engines)
     results_dir: str | Path = _option("results", "where records are written", hashed=NOT_HASHED)
@@ -121,6 +122,11 @@ class RunOptions:
                                               "default, reduce-overhead = CUDA graphs, max-autotune, "
                                               "max-autotune-no-cudagraphs); checks stay eager", hashed=VALUE,
                                         choices=_compile_modes, metavar="MODE")
+    # Not hashed, not saved: how many cores this process uses changes speed only; recorded in the record's extra.
+    threads: int | None = _option(None, "intra-op threads of this process (default: the cores available to it "
+                                        "divided by the evaluation processes on this machine: torchrun's "
+                                        "LOCAL_WORLD_SIZE, or K for --shard I/K outside Slurm)",
+                                  hashed=NOT_HASHED, saved=False, type=int)
     progress: bool | None = _option(None, "progress bar / lines (default on)", hashed=NOT_HASHED, saved=False,
                                     flag=None)
 

@@ -29,7 +29,7 @@ from zoo.errors import BadInputError, UnknownModelError, ZooError
 from zoo.models import build_model
 
 from . import data as data_mod
-from . import cross_threat, devices, model_source
+from . import cpus, cross_threat, devices, model_source
 from .attacks.compiled import COMPILE_MODES
 from .attacks.engine import KNOWN_ATTACKS, VERSIONS, AttackView, Engine, engine_class, make_engine
 from .options import RunOptions, hashed_values
@@ -84,12 +84,13 @@ class Setup:
     def results_dir(self) -> Path:
         return Path(self.opts.results_dir)
 
-    def engine(self, model: nn.Module, max_device_batch: int | None = None) -> Engine:
-        """The run's attack engine over ``model`` (the attacks' view of the network)."""
+    def engine(self, model: nn.Module, max_device_batch: int | None = None, precision: str | None = None) -> Engine:
+        """The run's attack engine over ``model`` (the attacks' view of the network); ``precision`` overrides
+        the run's (bf16 runs keep an fp32 engine for the points bf16 cannot attack, see ``bf16.py``)."""
         o = self.opts
         return make_engine(o.engine, model, norm=self.norm, eps=self.eps, version=o.version,
-                           attacks=list(self.attacks), seed=o.seed, device=self.device, precision=o.precision,
-                           max_device_batch=max_device_batch)
+                           attacks=list(self.attacks), seed=o.seed, device=self.device,
+                           precision=precision or o.precision, max_device_batch=max_device_batch)
 
 
 def _check_choice(value: str, choices: Sequence[str], what: str) -> str:
@@ -392,7 +393,7 @@ def _absolute(path: Any) -> str | None:
 
 def prepare(model_or_name: Any, options: RunOptions, *, attacking: bool = True, planning: bool = False) -> Setup:
     """The run's Setup. ``attacking=False`` (merge) skips what only attacking needs: the GPU memory probe
-    and the GPU-only precisions check (a bf16 run's shards may be merged on a CPU). ``planning`` (--dry-run)
+    and the precision check (a bf16 run's shards may be merged on any CPU). ``planning`` (--dry-run)
     downloads and reads nothing it can do without: the architecture with untrained weights, the data's count
     and shape; its Setup has no configuration hash and no run folder unless one was given."""
     o = options
@@ -417,8 +418,9 @@ def prepare(model_or_name: Any, options: RunOptions, *, attacking: bool = True, 
     shard = _resolve_shard(o.shard, dist)
     dev = _resolve_device(o.device, dist)
     if attacking and not devices.is_gpu(dev) and o.precision != "fp32":
-        raise BadInputError(f"precision {o.precision} needs a GPU; on CPU only fp32 is meaningful",
-                            hint="drop --precision or use --device cuda")
+        cpus.check_cpu_precision(o.precision)
+    if o.threads is not None:
+        _positive_int(o.threads, "threads")
     results_dir = Path(o.results_dir).expanduser()
     _check_writable(results_dir)
 
@@ -447,6 +449,7 @@ def prepare(model_or_name: Any, options: RunOptions, *, attacking: bool = True, 
         attacks=attack_list if o.version == "custom" else None, seed=int(o.seed), batch_size=batch_size,
         device=devices.kind(dev), results_dir=_absolute(results_dir), checkpoint=_absolute(o.checkpoint),
         channels_last=channels_last, chunk_batches=int(o.chunk_batches),
+        threads=cpus.resolve_threads(o.threads, shard, dist is not None),
         progress=True if o.progress is None else bool(o.progress))
     invocation = {"model": label if kind == "module" else model_or_name, "model_kind": kind,
                   **resolved.invocation()}

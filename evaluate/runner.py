@@ -30,6 +30,7 @@ from zoo.fileio import atomic_write_bytes, remove_stale_temp_files
 from . import checks, devices, integrity, runlock
 from .attacks.compiled import compiled_for_attacks
 from .attacks.engine import AttackView, engine_class
+from .bf16 import fp32_second_chance
 from .estimate import Plan, estimate, fmt_seconds, plan_text
 from .options import RunOptions
 from .precision import autocast_dtype, cudnn_in_effect, precision_mode, strict_fp32, tf32_in_effect
@@ -76,6 +77,8 @@ def _run_shard(setup: Setup, live: Live, state: ShardState, path: Path) -> None:
                                                      autocast_dtype(o.precision))
     view = AttackView(live.attack_model, autocast_dtype(o.precision), fp32_model=setup.model)
     engine = setup.engine(view, live.device_batch)
+    fp32_view = AttackView(setup.model) if o.precision == "bf16" else None   # for what bf16 misses (bf16.py)
+    fp32_engine = None if fp32_view is None else setup.engine(fp32_view, live.device_batch, precision="fp32")
     if tuple(engine.attacks) != setup.attacks:
         raise RuntimeError(f"engine {o.engine} runs {list(engine.attacks)}, expected {list(setup.attacks)}")
     show = o.progress and setup.is_rank0
@@ -117,9 +120,11 @@ def _run_shard(setup: Setup, live: Live, state: ShardState, path: Path) -> None:
                     chunk = batches[state.batches_done: state.batches_done + K]
                     bar.start_chunk(sum(len(p) for p in chunk))
                     t0 = time.perf_counter()
-                    _attack_chunk(setup, engine, state, attack, s, chunk, x_all, y_all)
+                    _attack_chunk(setup, engine, state, attack, s, chunk, x_all, y_all, fp32_engine)
                     state.stage_seconds[s] += time.perf_counter() - t0
                     f, b = view.take_counts()
+                    if fp32_view is not None:
+                        f, b = (a + c for a, c in zip((f, b), fp32_view.take_counts()))
                     state.forward_images[s] += f
                     state.backward_images[s] += b
                     _add_zero_gradients(state, s, engine.take_zero_gradients())
@@ -184,17 +189,22 @@ def _reliability(setup: Setup, merged, ties: list[dict[str, Any]]) -> dict[str, 
 
 
 def _attack_chunk(setup: Setup, engine, state: ShardState, attack: str, stage: int, chunk: list[np.ndarray],
-                  x_all: torch.Tensor, y_all: torch.Tensor) -> None:
+                  x_all: torch.Tensor, y_all: torch.Tensor, fp32_engine=None) -> None:
     """Reference batches of one chunk: attack each, then accept only what an fp32 forward confirms.
 
     The engine gets the whole chunk at once: engines that merge batches run them as one device batch while
-    keeping each batch's random numbers; the others attack one reference batch after another.
+    keeping each batch's random numbers; the others attack one reference batch after another. In bf16 runs
+    the points bf16 misclassifies but fp32 does not are attacked again in fp32 (``bf16.py``).
     """
     dev = setup.device
     batches = [(x_all[torch.from_numpy(pos)].to(dev), y_all[torch.from_numpy(pos)].to(dev)) for pos in chunk]
     advs = list(engine.attack_batches(attack, batches))
     if len(advs) != len(batches):
         raise RuntimeError(f"engine {setup.opts.engine} returned {len(advs)} results for {len(batches)} batches")
+    if fp32_engine is not None:
+        for (x, _), adv in zip(batches, advs):
+            _check_shape(setup, attack, x, adv)
+        advs = fp32_second_chance(setup, state, fp32_engine, attack, stage, batches, advs)
     for pos, (x, y), adv in zip(chunk, batches, advs):
         _record_batch(setup, state, attack, stage, pos, x, y, adv)
 
@@ -203,21 +213,21 @@ def _record_batch(setup: Setup, state: ShardState, attack: str, stage: int, pos:
                   y: torch.Tensor, adv: torch.Tensor) -> None:
     """The reference's success test (prediction on the returned image differs from the label), in fp32."""
     dev = setup.device
-    if not isinstance(adv, torch.Tensor) or adv.shape != x.shape:
-        raise RuntimeError(f"engine {setup.opts.engine} returned {getattr(adv, 'shape', type(adv))} for a batch of "
-                       f"shape {tuple(x.shape)} in {attack}")
+    _check_shape(setup, attack, x, adv)
     pred = _predict(setup.model, adv, dev)
     fooled = (pred != y).cpu().numpy()
-    if setup.opts.precision == "bf16":  # successes the bf16 attack believed in but fp32 does not confirm
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16):
-            claimed = (setup.model(adv).argmax(dim=1) != y).cpu().numpy()
-        state.rejected[stage] += int((claimed & ~fooled).sum())
     hit = pos[fooled]
     if len(hit):
         state.robust[hit] = False
         state.broken_by[hit] = stage
         state.adv_pred[hit] = pred.cpu().numpy()[fooled]
         state.x_adv[hit] = adv[torch.from_numpy(fooled).to(dev)].float().cpu().numpy()
+
+
+def _check_shape(setup: Setup, attack: str, x: torch.Tensor, adv: torch.Tensor) -> None:
+    if not isinstance(adv, torch.Tensor) or adv.shape != x.shape:
+        raise RuntimeError(f"engine {setup.opts.engine} returned {getattr(adv, 'shape', type(adv))} for a batch of "
+                           f"shape {tuple(x.shape)} in {attack}")
 
 
 # ---------------------------------------------------------------- checks and the record
@@ -250,6 +260,7 @@ def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> Ru
                "tf32": tf32_in_effect(o.precision, setup.device), "cudnn": cudnn_in_effect(setup.device),
                "clean_seconds": round(merged.clean_seconds, 3),
                "fp32_rejected_successes": merged.rejected, "decision_ties": ties,
+               "threads": o.threads,
                "pass_counts": "images through the model inside the attacks (forward / backward)",
                "model_dataset": o.dataset, "run_dir": str(setup.run_dir.resolve()),
                "finished": _now()},
@@ -363,6 +374,15 @@ def run(model_or_name: nn.Module | str, options: RunOptions | None = None, /, **
         return corruptions.run(model_or_name, options, **overrides)
     setup = prepare(model_or_name, RunOptions.build(options, **overrides))
     live = Live(device_batch=setup.device_batch)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(setup.opts.threads)
+    try:
+        return _run_with_oom_backoff(setup, live)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_with_oom_backoff(setup: Setup, live: Live) -> RunRecord | None:
     while True:
         try:
             return _execute(setup, live)

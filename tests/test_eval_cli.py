@@ -188,8 +188,11 @@ def test_device_cuda_without_gpu(env, capsys):
     _fails(env, capsys, _with(env.base, device="tpu"), "unknown device 'tpu'")
 
 
-def test_gpu_precisions_refused_on_cpu(env, capsys):
-    _fails(env, capsys, _with(env.base, precision="bf16"), "precision bf16 needs a GPU")
+def test_gpu_precisions_refused_on_cpu(env, capsys, monkeypatch):
+    from zoo.evaluate import cpus
+    _fails(env, capsys, _with(env.base, precision="tf32"), "precision tf32 needs a GPU")
+    monkeypatch.setattr(cpus, "native_bf16", lambda: None)   # a CPU without AMX/AVX512-BF16
+    _fails(env, capsys, _with(env.base, precision="bf16"), "would emulate it")
 
 
 def test_unwritable_results_folder(env, capsys):

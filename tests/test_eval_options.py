@@ -95,7 +95,7 @@ def test_hashed_options_change_the_configuration_and_the_others_do_not(base):
         assert prepare(model, dataclasses.replace(options, **changes_for(name, value))).config_hash \
             != reference.config_hash, name
     same = {"results_dir": str(tmp_path / "r2"), "allow_large_eps": True, "channels_last": True,
-            "run_dir": str(tmp_path / "run"), "chunk_batches": 9, "progress": True}
+            "run_dir": str(tmp_path / "run"), "chunk_batches": 9, "progress": True, "threads": 1}
     assert set(same) | {"data_dir", "device"} == {n for n, f in FIELDS.items()
                                                   if f.metadata["hashed"] == opt.NOT_HASHED}
     for name, value in same.items():
