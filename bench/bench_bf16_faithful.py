@@ -28,21 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from tests.support.helpers import Normalize
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data" / "cifar10_test_first1000.npz"
 MODELS = SHARED / "models"
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 ABCROWN_STD = (0.2471, 0.2435, 0.2616)
-
-
-class Normalize(nn.Module):
-    def __init__(self, mean, std):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
 
 
 class Block(nn.Module):

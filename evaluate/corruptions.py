@@ -26,11 +26,11 @@ from torch import nn
 
 from zoo import constants
 from zoo.errors import BadInputError, DataError, RecordError, RunStateError
-from zoo.fileio import atomic_write_bytes
+from zoo.fileio import atomic_write_bytes, remove_stale_temp_files
 
 from . import data as data_mod
 from . import devices
-from . import integrity
+from . import integrity, runlock
 from .progress import StageProgress
 from .corruptions_data import CORRUPTIONS, SEVERITIES, CorruptionSets, locate
 from .options import RunOptions, hashed_values
@@ -40,7 +40,7 @@ from .prepare import (_absolute, _check_choice, _check_outputs, _check_writable,
                       library_versions)
 from .record import Accuracy, RunRecord
 from .sharding import DistributedEnv, distributed_env, shard_bounds
-from .state import config_hash, read_config, write_config_once
+from .state import config_hash, read_config, start_run_folder
 
 log = logging.getLogger("zoo.evaluate")
 THREAT = "corruptions"
@@ -315,12 +315,13 @@ def read_per_example(path: str | Path) -> dict[str, np.ndarray]:
 def run(model_or_name: nn.Module | str, options: RunOptions | None = None, /, **overrides: Any) -> RunRecord | None:
     """Evaluate on the 75 corrupted sets; same resuming and sharding contract as ``zoo.evaluate.run``."""
     setup = prepare(model_or_name, RunOptions.build(options, **{**overrides, "threat": THREAT}))
-    import datetime as _dt
-    created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    stamp = created.replace("-", "").replace(":", "").replace("+0000", "")[:15]
-    doc = write_config_once(setup.run_dir, {
-        "config": setup.config, "config_hash": setup.config_hash, "invocation": setup.invocation,
-        "created": created, "run_id": f"{stamp}-{setup.config_hash[:8]}"})
+    doc = start_run_folder(setup.run_dir, setup.config, setup.config_hash, setup.invocation)
+    with runlock.holding(setup.run_dir, setup.shard):   # one process per shard, as for attack runs
+        remove_stale_temp_files(setup.run_dir)
+        return _execute_locked(setup, doc)
+
+
+def _execute_locked(setup: CorruptionsSetup, doc: dict[str, Any]) -> RunRecord | None:
     i, k = setup.shard
     bounds = shard_bounds(setup.n, k)[i]
     path = state_path(setup.run_dir, i, k)

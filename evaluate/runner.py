@@ -38,7 +38,7 @@ from .prepare import Setup, library_versions, prepare
 from .progress import StageProgress
 from .record import Accuracy, RunRecord, Stage, per_example_path
 from .sharding import merge_states, shard_bounds, shard_path, unfinished_shards, wait_for_shards
-from .state import CLEAN_STAGE, ShardState, config_differences, read_config, write_config_once
+from .state import CLEAN_STAGE, ShardState, config_differences, read_config, start_run_folder
 from .verify import check_adversarial, verify_predictions
 
 log = logging.getLogger("zoo.evaluate")
@@ -313,11 +313,7 @@ def _execute(setup: Setup, live: Live) -> RunRecord | None:
 
 
 def _execute_locked(setup: Setup, live: Live) -> RunRecord | None:
-    created = _now()
-    stamp = created.replace("-", "").replace(":", "").replace("+0000", "")[:15]
-    doc = write_config_once(setup.run_dir, {
-        "config": setup.config, "config_hash": setup.config_hash, "invocation": setup.invocation,
-        "created": created, "run_id": f"{stamp}-{setup.config_hash[:8]}"})
+    doc = start_run_folder(setup.run_dir, setup.config, setup.config_hash, setup.invocation)
     i, k = setup.shard
     bounds = shard_bounds(setup.n, k)[i]
     positions = np.arange(*bounds, dtype=np.int64)

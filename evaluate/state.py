@@ -8,6 +8,7 @@ very same batches and skips the ones already done.
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import io
 import json
@@ -36,6 +37,15 @@ def config_hash(config: dict[str, Any]) -> str:
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Names of the fields in which two configurations differ (for error messages)."""
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def start_run_folder(run_dir: Path, config: dict[str, Any], digest: str, invocation: dict[str, Any]) -> dict[str, Any]:
+    """The run folder's config.json (written by the first process, read by the others): the configuration, the
+    saved invocation, and the run id (start time plus the hash's first digits) that names the record."""
+    created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    stamp = created.replace("-", "").replace(":", "").replace("+0000", "")[:15]
+    return write_config_once(run_dir, {"config": config, "config_hash": digest, "invocation": invocation,
+                                       "created": created, "run_id": f"{stamp}-{digest[:8]}"})
 
 
 def write_config_once(run_dir: Path, document: dict[str, Any]) -> dict[str, Any]:

@@ -114,16 +114,8 @@ def model_info(record: RunRecord, allow_partial: bool = False) -> dict[str, Any]
         raise BadInputError(f"{origin} covers only {record.n_ex} of {FULL_TEST_SET.get(record.dataset, '?')} "
                             "test points; RobustBench numbers use the full test set",
                             hint="evaluate on the full test set, or pass --allow-partial for a draft")
-    spelled = meta.robustbench
     return {
-        "link": spelled.link if spelled else meta.paper.link,
-        "name": spelled.name if spelled else meta.paper.title,
-        "authors": ", ".join(meta.paper.authors),
-        "additional_data": meta.additional_data,
-        "number_forward_passes": 1,  # deterministic single-pass networks; no test-time randomness
-        "dataset": record.dataset,
-        "venue": (spelled.venue if spelled and spelled.venue else meta.paper.venue),
-        "architecture": meta.architecture.label,
+        **_paper_fields(meta, record),
         "eps": format_eps(record.eps_value, record.threat),
         "clean_acc": f"{record.clean.percent:.2f}",
         "reported": f"{variant.reported['autoattack_acc']:.2f}",
@@ -145,21 +137,29 @@ def _corruptions_model_info(record: RunRecord, allow_partial: bool) -> dict[str,
         raise BadInputError(f"{origin} covers only {record.n_ex} of {FULL_TEST_SET.get(record.dataset, '?')} images "
                             "per corruption and severity; RobustBench uses all of them",
                             hint="evaluate without --n-ex, or pass --allow-partial for a draft")
+    return {
+        **_paper_fields(meta, record),
+        "eps": None,
+        "clean_acc": f"{record.clean.percent:.2f}",
+        "reported": None,
+        "corruptions_acc": f"{record.robust.percent:.2f}",
+        "footnote": meta.footnote,
+    }
+
+
+def _paper_fields(meta: ModelInfo, record: RunRecord) -> dict[str, Any]:
+    """The fields every RobustBench model_info file opens with, in RobustBench's own spelling when the registry
+    keeps it (``robustbench:`` block), else the paper's."""
     spelled = meta.robustbench
     return {
         "link": spelled.link if spelled else meta.paper.link,
         "name": spelled.name if spelled else meta.paper.title,
         "authors": ", ".join(meta.paper.authors),
         "additional_data": meta.additional_data,
-        "number_forward_passes": 1,
+        "number_forward_passes": 1,  # deterministic single-pass networks; no test-time randomness
         "dataset": record.dataset,
         "venue": (spelled.venue if spelled and spelled.venue else meta.paper.venue),
         "architecture": meta.architecture.label,
-        "eps": None,
-        "clean_acc": f"{record.clean.percent:.2f}",
-        "reported": None,
-        "corruptions_acc": f"{record.robust.percent:.2f}",
-        "footnote": meta.footnote,
     }
 
 

@@ -106,7 +106,9 @@ def write_npz(path: Path, x: torch.Tensor, y: torch.Tensor) -> Path:
 
 # ---------------------------------------------------------------- the real shared CNN-A-Adv (MODELS.md)
 
-class _Normalize(nn.Module):
+class Normalize(nn.Module):
+    """Per-channel (x - mean) / std, as the shared nets expect their inputs."""
+
     def __init__(self, mean, std):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
@@ -123,7 +125,7 @@ def cnn_a_adv() -> nn.Module:
     net.load_state_dict(torch.load(CNN_A_ADV, map_location="cpu", weights_only=True))
     mean = tuple(v / 255 for v in (125.3, 123.0, 113.9))
     std = tuple(v / 255 for v in (63.0, 62.1, 66.7))
-    return nn.Sequential(_Normalize(mean, std), net).eval()
+    return nn.Sequential(Normalize(mean, std), net).eval()
 
 
 def shared_cifar(n: int) -> tuple[torch.Tensor, torch.Tensor]:
