@@ -40,10 +40,7 @@ CORRUPTIONS: tuple[str, ...] = (
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 IMAGES_PER_SEVERITY = 10_000
 
-#: Where a test (or a mirror) serves the archives instead of Zenodo: ``<base>/<record>/<file>``.
-ZENODO_URL_ENV = "SCORE_ZOO_ZENODO_URL"
-ZENODO_URL = "https://zenodo.org/records"
-CHUNK = 1 << 20
+CHUNK = 1 << 20   # archives come from Zenodo, or from zoo.constants.ZENODO_URL_ENV (a mirror, a test server)
 
 
 @dataclass(frozen=True)
@@ -55,7 +52,7 @@ class Archive:
     md5: str         # the checksum Zenodo publishes for the file
 
     def url(self) -> str:
-        base = (os.environ.get(ZENODO_URL_ENV) or ZENODO_URL).rstrip("/")
+        base = constants.zenodo_url()
         return f"{base}/{self.record}/files/{self.filename}?download=1"
 
 
@@ -179,7 +176,7 @@ def _download_resumable(url: str, part: Path, progress: bool) -> None:
     request = urllib.request.Request(url, headers=headers)
     host = urllib.parse.urlsplit(url).netloc
     offline_hint = ("no internet here? download it elsewhere and pass --data-root with the unpacked folder "
-                    f"(or set {ZENODO_URL_ENV} to a mirror)")
+                    f"(or set {constants.ZENODO_URL_ENV} to a mirror)")
     try:
         response = urllib.request.urlopen(request, timeout=constants.http_timeout())
     except urllib.error.HTTPError as exc:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.support import helpers as h
+from zoo import constants
 from zoo.errors import DataError, DownloadError, OfflineError
 from zoo.evaluate import corruptions, corruptions_data as cd, runner
 from zoo.evaluate.record import RunRecord
@@ -90,7 +91,7 @@ def standin(tmp_path, monkeypatch):
     folder = cd.write_standin(tmp_path / "src" / "CIFAR-10-C", images, labels)
     payload = make_tar(folder)
     server = ZenodoStandIn(payload)
-    monkeypatch.setenv(cd.ZENODO_URL_ENV, server.url)
+    monkeypatch.setenv(constants.ZENODO_URL_ENV, server.url)
     monkeypatch.setenv("SCORE_ZOO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SCORE_ZOO_HTTP_TIMEOUT", "10")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -186,7 +187,7 @@ def test_truncated_archive_with_its_checksum_is_refused_unpacked_nowhere(standin
 
 
 def test_unreachable_server_and_offline_mode_name_data_root(standin, tmp_path, monkeypatch):
-    monkeypatch.setenv(cd.ZENODO_URL_ENV, "http://127.0.0.1:9")
+    monkeypatch.setenv(constants.ZENODO_URL_ENV, "http://127.0.0.1:9")
     with pytest.raises(DownloadError, match="cannot reach") as err:
         cd.locate("cifar10", None, tmp_path / "dd")
     assert "--data-root" in str(err.value)

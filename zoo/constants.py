@@ -68,6 +68,16 @@ def http_timeout() -> float:
     return float(os.environ.get(HTTP_TIMEOUT_ENV) or 30)
 
 
+#: Where the common-corruptions archives come from instead of Zenodo (a mirror, or a test server):
+#: ``<base>/<record>/files/<file>``.
+ZENODO_URL_ENV = "SCORE_ZOO_ZENODO_URL"
+DEFAULT_ZENODO_URL = "https://zenodo.org/records"
+
+
+def zenodo_url() -> str:
+    return (os.environ.get(ZENODO_URL_ENV) or DEFAULT_ZENODO_URL).rstrip("/")
+
+
 #: A registry file used instead of the packaged checkpoints.yaml (a lab's private list, tests).
 REGISTRY_ENV = "SCORE_ZOO_REGISTRY"
 
