@@ -185,3 +185,20 @@ def test_fp32_rejections_and_ties_are_reported_but_do_not_decide():
     ties = checks.check_ties([{"position": 0, "index": 0, "margin": 0.0, "flag": "robust"}])
     section = checks.section([rejected, ties])
     assert not section["unreliable"] and section["because"] == []
+
+
+@pytest.mark.skipif(not (h.SHARED_DATA.is_file() and h.CNN_A_ADV.is_file()),
+                    reason="../shared (real CIFAR-10 images and the PGD-trained CNN-A-Adv) not present")
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["reference", "native"])
+def test_a_real_robust_net_on_real_images_raises_no_check(tmp_path, engine):
+    """CNN-A-Adv (PGD-trained) on 16 real CIFAR-10 test images at its 2/255 budget: a sound evaluation."""
+    x, y = h.shared_cifar(16)
+    data = h.write_npz(tmp_path / "real.npz", x, y)
+    with h.one_thread():
+        record = run(h.cnn_a_adv(), data=str(data), eps="2/255", version="custom",
+                     attacks=["apgd-ce", "apgd-t", "square"], batch_size=16, device="cpu",
+                     results_dir=str(tmp_path / "res"), run_dir=str(tmp_path / "run"), model_label="cnn-a-adv",
+                     progress=False, engine=engine)
+    assert _fired(record) == set() and record.unreliable is False
+    assert record.robust.correct < record.clean.correct   # the attacks broke something: a real evaluation
