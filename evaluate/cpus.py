@@ -79,8 +79,12 @@ def local_processes(shard: tuple[int, int] | None, torchrun_local_world: int | N
 
 
 def default_threads(shard: tuple[int, int] | None, torchrun_local_world: int | None) -> int:
-    """available cores // local processes, at least 1."""
-    return max(1, available_cores() // local_processes(shard, torchrun_local_world))
+    """available cores // local processes, at least 1, and never more than the process already allows itself
+    (``torch.set_num_threads`` / OMP_NUM_THREADS set lower by the caller are kept: same threads, same rounding)."""
+    import torch
+
+    share = max(1, available_cores() // local_processes(shard, torchrun_local_world))
+    return max(1, min(share, torch.get_num_threads()))
 
 
 def resolve_threads(threads: int | None, shard: tuple[int, int], under_torchrun: bool) -> int:

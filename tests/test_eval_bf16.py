@@ -109,6 +109,7 @@ def test_cpu_flags_detection(tmp_path, monkeypatch):
 
 def test_default_threads_never_oversubscribe(monkeypatch):
     monkeypatch.setattr(cpus, "available_cores", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)   # torch's own default: one per core
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert cpus.resolve_threads(None, (0, 1), False) == 8
@@ -121,6 +122,8 @@ def test_default_threads_never_oversubscribe(monkeypatch):
     assert cpus.resolve_threads(None, (1, 2), True) == 4             # no LOCAL_WORLD_SIZE: all ranks here
     monkeypatch.setenv("SLURM_JOB_ID", "123")
     assert cpus.resolve_threads(None, (1, 2), False) == 8            # Slurm binds each task's CPUs itself
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)   # the caller already chose one thread: kept
+    assert cpus.resolve_threads(None, (0, 1), False) == 1
 
 
 def test_threads_applied_during_the_run_and_restored(tmp_path, monkeypatch):
