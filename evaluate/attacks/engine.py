@@ -57,12 +57,6 @@ class Engine:
     def replay(self, done: Sequence[str]) -> None:
         """Bring the attack objects into the state they have after running ``done`` (for resuming)."""
 
-    def preflight(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Warnings about the model (randomised, probabilities, too few classes) before any attack."""
-
-    def finish(self, accuracy_by_stage: dict[str, float]) -> None:
-        """Warnings about the outcome (e.g. Square beating the gradient attacks)."""
-
     def cost_per_point(self, attack: str, num_classes: int) -> tuple[int, int]:
         """Upper bound of (forward, backward) passes per example for ``attack``."""
         raise NotImplementedError

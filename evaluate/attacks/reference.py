@@ -87,23 +87,6 @@ class ReferenceEngine(Engine):
         for attack in done:
             self.configured(attack)
 
-    def preflight(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        from pyautoattack import checks
-
-        aa = self.autoattack
-        forward = aa.get_logits
-        if aa.version != "rand":
-            checks.check_randomized(forward, x, y, bs=len(x), logger=aa.logger)
-        n_cls = checks.check_range_output(forward, x, logger=aa.logger)
-        checks.check_dynamic(aa.model, x, False, logger=aa.logger)
-        checks.check_n_classes(n_cls, list(self.attacks), aa.apgd_targeted.n_target_classes,
-                               aa.fab.n_target_classes, logger=aa.logger)
-
-    def finish(self, accuracy_by_stage: dict[str, float]) -> None:
-        from pyautoattack import checks
-
-        checks.check_square_sr(accuracy_by_stage, logger=self.autoattack.logger)
-
     def cost_per_point(self, attack: str, num_classes: int) -> tuple[int, int]:
         aa = self.autoattack
         if attack in ("apgd-ce", "apgd-dlr", "apgd-t"):

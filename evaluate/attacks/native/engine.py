@@ -215,12 +215,6 @@ class NativeEngine(Engine):
     def replay(self, done: Sequence[str]) -> None:
         self.reference.replay(done)
 
-    def preflight(self, x: Tensor, y: Tensor) -> None:
-        self.reference.preflight(x, y)
-
-    def finish(self, accuracy_by_stage: dict[str, float]) -> None:
-        self.reference.finish(accuracy_by_stage)
-
     def cost_per_point(self, attack: str, num_classes: int) -> tuple[int, int]:
         return self.reference.cost_per_point(attack, num_classes)
 
