@@ -11,7 +11,6 @@ the same batches, hence the same result.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import errno
 import logging
 import os
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from zoo.errors import BadInputError, RunStateError, ZooError
-from zoo.fileio import atomic_write_bytes, remove_stale_temp_files
+from zoo.fileio import atomic_write_bytes, remove_stale_temp_files, utc_timestamp
 
 from . import checks, devices, integrity, runlock
 from .attacks.compiled import compiled_for_attacks
@@ -263,7 +262,7 @@ def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> Ru
                "threads": o.threads,
                "pass_counts": "images through the model inside the attacks (forward / backward)",
                "model_dataset": o.dataset, "run_dir": str(setup.run_dir.resolve()),
-               "finished": _now()},
+               "finished": utc_timestamp()},
         trained_threat=o.trained_threat)   # differs from threat when a checkpoint is evaluated cross-threat
     arrays = pe.to_bytes()
     record = dataclasses.replace(record, integrity=integrity.seal(arrays, setup.config, doc["invocation"]))
@@ -294,11 +293,6 @@ def _write_record(setup: Setup, record: RunRecord, arrays: bytes) -> None:
                        hint=f"free space (or fix the folder) and re-run the same command: the finished run is kept "
                             f"in {setup.run_dir} and resumes straight to writing the record, without attacking "
                             "again") from None
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-
 
 def _execute(setup: Setup, live: Live) -> RunRecord | None:
     """The run, holding the run folder's lock (``runlock``) throughout; orphaned temp files go first."""

@@ -8,7 +8,6 @@ very same batches and skips the ones already done.
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import io
 import json
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from zoo.errors import RunStateError
-from zoo.fileio import atomic_write_bytes
+from zoo.fileio import atomic_write_bytes, utc_timestamp
 
 STATE_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -42,7 +41,7 @@ def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 def start_run_folder(run_dir: Path, config: dict[str, Any], digest: str, invocation: dict[str, Any]) -> dict[str, Any]:
     """The run folder's config.json (written by the first process, read by the others): the configuration, the
     saved invocation, and the run id (start time plus the hash's first digits) that names the record."""
-    created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    created = utc_timestamp()
     stamp = created.replace("-", "").replace(":", "").replace("+0000", "")[:15]
     return write_config_once(run_dir, {"config": config, "config_hash": digest, "invocation": invocation,
                                        "created": created, "run_id": f"{stamp}-{digest[:8]}"})

@@ -14,14 +14,13 @@ fetched file says how far it is trusted (``Fetched.provenance``):
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 from pathlib import Path
 from typing import Any
 
 from . import constants
 from .errors import CorruptCheckpointError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, utc_timestamp
 
 PROVENANCE = ("pinned", "first-use", "local-pin", "local-release", "local-unverified")
 #: provenance kinds that identify a released checkpoint (a reproduction of the paper's numbers)
@@ -64,7 +63,7 @@ def trust_on_first_use(entry: str, sha256: str, size: int) -> str:
     known = pins.get(entry)
     if known is None:
         pins[entry] = {"sha256": sha256, "size": size,
-                       "first_use": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()}
+                       "first_use": utc_timestamp()}
         _write(pins)
         return "first-use"
     if known.get("sha256") == sha256:
