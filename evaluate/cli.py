@@ -42,8 +42,9 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", choices=["paper"], default=None,
                    help="run (or resume) every evaluation of the SCORE paper's table, one after another")
     _add_option_flags(p)
-    p.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False, default=None,
-                   help="keep the model in NCHW memory format on GPUs (default: channels_last there)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="the model's memory format (default: channels_last on GPUs and for --precision bf16 on a "
+                        "CPU, where it is the faster layout; NCHW otherwise)")
     p.add_argument("--allow-large-eps", dest="allow_large_eps", action="store_const", const=True, default=None,
                    help="accept an eps that covers the whole image space (e.g. linf eps >= 1)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,

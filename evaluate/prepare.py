@@ -436,7 +436,8 @@ def prepare(model_or_name: Any, options: RunOptions, *, attacking: bool = True, 
     shard_bounds(len(evaldata), shard[1])  # refuses more shards than examples before loading the model
     model, label, kind, ckpt, reported = _load_model(model_or_name, variant, o.dataset, threat, o.checkpoint,
                                                      o.model_label, planning)
-    channels_last = devices.is_gpu(dev) if o.channels_last is None else bool(o.channels_last)
+    channels_last = devices.default_channels_last(dev, o.precision) if o.channels_last is None \
+        else bool(o.channels_last)
     model = _prepare_model(model, dev, channels_last)
     num_classes = _check_outputs(model, evaldata, dev)
     data_mod.check_labels(evaldata, num_classes)

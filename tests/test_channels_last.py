@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from zoo.evaluate import run
+from zoo.evaluate import cli, cpus, run
 from zoo.evaluate.record import PerExample, per_example_path
 
 from tests.support import helpers as h
@@ -40,3 +40,21 @@ def test_channels_last_runs_every_norm_with_the_contiguous_flags(tmp_path, threa
         flags[layout] = (pe.robust, pe.broken_by)
     for a, b in zip(flags[False], flags[True]):
         assert np.array_equal(a, b)
+
+
+def test_cpu_default_layout_is_channels_last_for_bf16_only(tmp_path, monkeypatch):
+    """bf16 on a CPU defaults to channels_last (the faster layout of oneDNN's bf16 kernels), fp32 keeps NCHW;
+    --channels-last / --no-channels-last override either way."""
+    monkeypatch.setattr(cpus, "native_bf16", lambda: "amx_bf16")
+    x, y = h.synthetic_images(4, seed=2)
+    data_file = h.write_npz(tmp_path / "d.npz", x, y)
+    for precision, expected in (("fp32", False), ("bf16", True)):
+        model = h.train_tiny_cnn()
+        record = run(model, data=data_file, eps=EPS["linf"], version="custom", attacks=["apgd-ce"], device="cpu",
+                     precision=precision, batch_size=4, results_dir=tmp_path / f"r-{precision}",
+                     run_dir=tmp_path / f"run-{precision}", model_label="tiny", progress=False, threads=1)
+        assert record.extra["channels_last"] is expected
+        assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last) is expected
+    parse = cli._run_parser().parse_args
+    assert (parse([]).channels_last, parse(["--channels-last"]).channels_last,
+            parse(["--no-channels-last"]).channels_last) == (None, True, False)
