@@ -130,7 +130,8 @@ def run_net(name: str, n: int, attacks: list[str], engine: str, threads: int, ba
         flags[precision] = pe
         out[precision] = {"clean": rec.clean.correct, "robust": rec.robust.correct, "seconds": round(seconds, 1),
                           "stages": [s.robust.correct for s in rec.stages],
-                          "rejected": rec.extra["fp32_rejected_successes"]}
+                          "rejected": rec.extra["fp32_rejected_successes"],
+                          "channels_last": rec.extra["channels_last"]}
     a, b = flags["fp32"], flags["bf16"]
     clean_margin = margins(model, x, y)
     diffs = []
@@ -186,14 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     r16 = sum(r["bf16"]["robust"] for r in results)
     diff_pp = 100.0 * (r16 - r32) / total
     print(f"\n{env}\n")
-    print("| net | n | clean | robust fp32 | robust bf16 | diff (pp) | fp32 s | bf16 s | rejected (bf16) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| net | n | clean | robust fp32 | robust bf16 | diff (pp) | fp32 s | bf16 s | rejected (bf16) | "
+          "bf16 channels_last |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['net']} | {r['n']} | {r['fp32']['clean']} | {r['fp32']['robust']} | {r['bf16']['robust']} | "
               f"{100.0 * (r['bf16']['robust'] - r['fp32']['robust']) / r['n']:+.2f} | {r['fp32']['seconds']} | "
-              f"{r['bf16']['seconds']} | {r['bf16']['rejected']} |")
+              f"{r['bf16']['seconds']} | {r['bf16']['rejected']} | {r['bf16']['channels_last']} |")
     print(f"| all | {total} | | {r32} ({100.0 * r32 / total:.2f}%) | {r16} ({100.0 * r16 / total:.2f}%) | "
-          f"{diff_pp:+.2f} | | | |")
+          f"{diff_pp:+.2f} | | | | |")
     for r in results:
         for d in r["disagreements"]:
             print(f"disagreement {r['net']} image {d['index']}: fp32 robust={d['fp32_robust']} bf16 robust="

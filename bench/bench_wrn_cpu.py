@@ -6,26 +6,34 @@ Random weights (BatchNorm statistics from the images, labels = the model's own p
 - ``ref-robustbench``: pyautoattack as RobustBench calls it: batch 32, parameters requiring grad;
 - ``ref-best``: pyautoattack with frozen parameters (as zoo-eval runs it) at the batch size of a quick sweep;
 - ``native-fp32``, ``native-bf16`` (bf16 autocast, successes re-checked in fp32), ``native-bf16-cl``
-  (bf16 with a channels_last model), and with ``--compile`` ``native-bf16-compiled`` (torch.compile).
+  (bf16 with a channels_last model: zoo-eval's default for bf16 on a CPU), and with ``--compile``
+  ``native-bf16-cl-compiled`` (the same through torch.compile).
 
-Part 1 runs every stage on the same --n images with cut iteration counts (APGD 5 iterations, 1 target,
-FAB-T 3 iterations, 1 target, Square 20 queries) and counts the images going through the model (forward and
-backward); throughput = those images per second. Part 2 projects a full 10k-image run with SCORE's
-accuracies: pass counts per point from pyautoattack's settings (the runner's estimate), divided by each
-stage's throughput. Part 3 (with --e2e; it takes long) runs the native bf16 engine end to end with the FULL
-settings (all four attacks, no cut iterations) on --e2e-n images at a tiny eps, so every stage does its full
-work, and compares the wall time per stage with the same projection (throughput re-measured on those
-images, as in part 1). Everything is timed with one torch thread unless --threads says otherwise.
+Part 1 runs every stage on the same --n images at a tiny eps (--eps: no point is fooled, so every stage
+does its full work on every point, as the projection assumes), twice: at a short and a long cut of the
+iteration counts (APGD 5 / 20 iterations and 1 target, FAB-T 3 / 12 iterations and 1 target, Square 20 / 100
+queries). It counts the images going through the model (forward and backward) and takes the throughput from
+the difference, (passes long - passes short) / (seconds long - seconds short), which cancels each stage's
+fixed costs (set-up, the last checks, and for bf16 the fp32 re-check of successes) that a full run spreads
+over hundreds of iterations. Part 2 projects a full 10k-image run with SCORE's accuracies: pass counts per
+point from pyautoattack's settings (the runner's estimate), divided by each stage's throughput. Part 3 (with
+--e2e; it takes long) runs one native row (--e2e-row) end to end with the FULL settings (all four attacks, no
+cut iterations) on --e2e-n images at the same eps, and compares the wall time per stage with the same
+projection (throughput re-measured on those images, as in part 1). Everything is timed with one torch thread
+unless --threads says otherwise. The compiled row (--compile) goes through zoo-eval's own
+``--torch-compile default`` path (channels_last model, padded batch buckets); its compile and warm-up time is
+measured apart, before the timed runs.
 
-    python -m bench.bench_wrn_cpu                 # parts 1-2, about 10 min on a 2-core Xeon, 1 thread
-    python -m bench.bench_wrn_cpu --rows native-bf16 --e2e     # + part 3 (about 10 min more for 2 images)
-    python -m bench.bench_wrn_cpu --n 16 --compile
+    python -m bench.bench_wrn_cpu --compile       # parts 1-2, about 10 min on a 2-core Xeon, 1 thread
+    python -m bench.bench_wrn_cpu --compile --e2e --e2e-n 1   # + part 3 (about 10 min more)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import functools
 import os
 import sys
 import time
@@ -35,21 +43,25 @@ import torch
 from bench.bench_gpu import build_wrn
 from bench.bench_native_cpu import cpu_name
 from tests.support.native import images
+from zoo.evaluate.attacks.compiled import compiled_for_attacks
 from zoo.evaluate.attacks.engine import AttackView
 from zoo.evaluate.attacks.native.engine import NativeEngine
+from zoo.evaluate.precision import autocast_dtype
 
 STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
+# part 1's cut iteration counts: APGD iterations, FAB-T iterations, Square queries (one target each)
+CUTS = {"short": (5, 3, 20), "long": (20, 12, 100)}
 CLEAN_POINTS, LATER_POINTS = 8861, 6200     # SCORE WRN-28-10 Linf 8/255: 88.61% clean; ~62% reach APGD-T..Square
 
 
-def cut(aa, full: bool) -> None:
-    """Part 1's cut iteration counts (or pyautoattack's standard ones) on an AutoAttack object."""
-    if full:
-        return
-    aa.apgd.n_iter = aa.apgd_targeted.n_iter = 5
-    aa.apgd_targeted.n_target_classes = 1
-    aa.fab.n_iter, aa.fab.n_target_classes = 3, 1
-    aa.square.n_queries = 20
+def settings(aa) -> tuple[int, int, int, int, int, int]:
+    return (aa.apgd.n_iter, aa.apgd_targeted.n_iter, aa.apgd_targeted.n_target_classes, aa.fab.n_iter,
+            aa.fab.n_target_classes, aa.square.n_queries)
+
+
+def set_settings(aa, values: tuple[int, int, int, int, int, int]) -> None:
+    (aa.apgd.n_iter, aa.apgd_targeted.n_iter, aa.apgd_targeted.n_target_classes, aa.fab.n_iter,
+     aa.fab.n_target_classes, aa.square.n_queries) = values
 
 
 def reference_stage(aa, attack: str, x, y, batch: int) -> None:
@@ -64,8 +76,7 @@ def reference_stage(aa, attack: str, x, y, batch: int) -> None:
 
 
 class Row:
-    def __init__(self, name: str, model, kind: str, batch: int, precision: str = "fp32", eps: float = 8 / 255,
-                 full: bool = False):
+    def __init__(self, name: str, model, kind: str, batch: int, precision: str, eps: float):
         self.name, self.kind, self.batch = name, kind, batch
         self.view = AttackView(model)
         if kind == "native":
@@ -76,11 +87,20 @@ class Row:
 
             self.aa = pyautoattack.AutoAttack(self.view, norm="Linf", eps=eps, seed=0, version="standard",
                                               device="cpu")
-        cut(self.aa, full)
         self.trainable = name == "ref-robustbench"
+        self.standard = settings(self.aa)
 
-    def stage(self, attack: str, x, y) -> tuple[float, int, int]:
-        """(wall seconds, forward images, backward images) of one stage on x."""
+    def cut(self, level: str) -> None:
+        """Part 1's cut iteration counts (``short`` / ``long``) or pyautoattack's standard ones (``full``)."""
+        if level == "full":
+            set_settings(self.aa, self.standard)
+            return
+        apgd, fab, square = CUTS[level]
+        set_settings(self.aa, (apgd, apgd, 1, fab, 1, square))
+
+    def stage(self, attack: str, x, y, level: str) -> tuple[float, int, int]:
+        """(wall seconds, forward images, backward images) of one stage on x at cut ``level``."""
+        self.cut(level)
         self.view.take_counts()
         params = list(self.view.model.parameters())
         for p in params:
@@ -95,6 +115,16 @@ class Row:
             p.requires_grad_(False)
         f, b = self.view.take_counts()
         return seconds, f, b
+
+    def throughput(self, attack: str, x, y) -> tuple[float, float, float]:
+        """(passes per second from the short/long difference, fixed seconds of one stage run, long run's s)."""
+        s_short, f_short, b_short = self.stage(attack, x, y, "short")
+        s_long, f_long, b_long = self.stage(attack, x, y, "long")
+        if f_long + b_long <= f_short + b_short:
+            sys.exit(f"error: {self.name} {attack}: the long cut made no more model passes than the short one "
+                     "(were the points fooled early? use a smaller --eps)")
+        rate = (f_long + b_long - f_short - b_short) / max(s_long - s_short, 1e-9)
+        return rate, s_short - (f_short + b_short) / rate, s_long
 
 
 def best_batch(model, x, log) -> int:
@@ -115,18 +145,46 @@ def best_batch(model, x, log) -> int:
     return best
 
 
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def make_row(name: str, model, ref_b: int, x, y, log, eps: float) -> Row:
+    if name == "ref-robustbench":
+        return Row(name, model, "reference", 32, "fp32", eps)
+    if name == "ref-best":
+        return Row(name, model, "reference", ref_b, "fp32", eps)
+    if name in ("native-fp32", "native-bf16"):
+        return Row(name, model, "native", 32, name.split("-")[1], eps)
+    if name in ("native-bf16-cl", "native-bf16-cl-compiled"):
+        cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        if name.endswith("compiled"):
+            start = time.perf_counter()
+            cl_model = compiled_for_attacks(cl_model, "default", tuple(x.shape[1:]), torch.device("cpu"),
+                                            autocast_dtype("bf16"))
+            row = Row(name, cl_model, "native", 32, "bf16", eps)
+            for attack in STAGES:   # every graph the timed runs need (batch buckets, FAB's per-class backward)
+                row.stage(attack, x, y, "short")
+            log(f"# {name}: compiled and warmed up in {time.perf_counter() - start:.0f} s (not in the timings)")
+            return row
+        return Row(name, cl_model, "native", 32, "bf16", eps)
+    sys.exit(f"error: unknown row {name!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=8, help="images per stage in part 1")
-    p.add_argument("--e2e-n", type=int, default=2, help="images of the end-to-end run (part 3)")
-    p.add_argument("--e2e-eps", type=float, default=1e-4, help="eps of part 3 (tiny: every stage does full work)")
+    p.add_argument("--e2e-n", type=int, default=1, help="images of the end-to-end run (part 3)")
+    p.add_argument("--eps", type=float, default=1e-4, help="Linf eps (tiny: every stage does its full work)")
+    p.add_argument("--e2e-row", default="native-bf16-cl",
+                   choices=["native-fp32", "native-bf16", "native-bf16-cl", "native-bf16-cl-compiled"])
     p.add_argument("--rows", default="ref-robustbench,ref-best,native-fp32,native-bf16,native-bf16-cl")
-    p.add_argument("--compile", action="store_true", help="add a native-bf16-compiled row (slow to compile)")
+    p.add_argument("--compile", action="store_true", help="add a native-bf16-cl-compiled row (slow to compile)")
     p.add_argument("--e2e", action="store_true", help="also run part 3 (long: full settings)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    log = print
+    log = functools.partial(print, flush=True)
 
     x, _ = images(max(args.n, args.e2e_n, 16))
     model = build_wrn(28, 10, x, torch.device("cpu"))
@@ -135,42 +193,25 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         y = torch.cat([model(c).max(1)[1] for c in x.split(16)])
     log(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_name()}  torch {torch.__version__}  "
-        f"threads {torch.get_num_threads()}  load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    log(f"# WRN-28-10 random weights, Linf 8/255, n {args.n}, labels = own predictions "
-        f"({len(torch.unique(y))} classes); part 1 cut: APGD 5 it x 1 target, FAB-T 3 it x 1 target, Square 20 q")
+        f"threads {torch.get_num_threads()}  load average {load()}")
+    log(f"# WRN-28-10 random weights, Linf eps {args.eps:g}, n {args.n}, labels = own predictions "
+        f"({len(torch.unique(y))} classes); part 1 cuts (APGD it, FAB-T it, Square q; 1 target): {CUTS}")
     ref_b = best_batch(model, x, log)
-    rows = []
-    cl_model = None
-    for name in args.rows.split(",") + (["native-bf16-compiled"] if args.compile else []):
-        if name == "ref-robustbench":
-            rows.append(Row(name, model, "reference", 32))
-        elif name == "ref-best":
-            rows.append(Row(name, model, "reference", ref_b))
-        elif name == "native-fp32":
-            rows.append(Row(name, model, "native", 32))
-        elif name == "native-bf16":
-            rows.append(Row(name, model, "native", 32, "bf16"))
-        elif name == "native-bf16-cl":
-            import copy
-
-            cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-            rows.append(Row(name, cl_model, "native", 32, "bf16"))
-        elif name == "native-bf16-compiled":
-            rows.append(Row(name, torch.compile(model, dynamic=True), "native", 32, "bf16"))
-        else:
-            sys.exit(f"error: unknown row {name!r}")
+    names = args.rows.split(",") + (["native-bf16-cl-compiled"] if args.compile else [])
+    rows = [make_row(name, model, ref_b, x[:args.n], y[:args.n], log, args.eps) for name in names]
 
     xs, ys = x[:args.n], y[:args.n]
     through: dict[tuple[str, str], float] = {}
-    log(f"\n## part 1: throughput (model images, forward + backward, per second), B {ref_b} for ref-best")
-    log(f"{'row':22} " + " ".join(f"{s:>16}" for s in STAGES))
+    log(f"\n## part 1: throughput (model images, forward + backward, per second, from the short/long difference) "
+        f"and each stage run's fixed seconds; B {ref_b} for ref-best")
+    log(f"{'row':24} " + " ".join(f"{s:>18}" for s in STAGES))
     for row in rows:
         cells = []
         for attack in STAGES:
-            seconds, f, b = row.stage(attack, xs, ys)
-            through[row.name, attack] = (f + b) / seconds
-            cells.append(f"{through[row.name, attack]:7.1f} ({seconds:5.1f}s)")
-        log(f"{row.name:22} " + " ".join(f"{c:>16}" for c in cells), flush=True)
+            rate, fixed, _ = row.throughput(attack, xs, ys)
+            through[row.name, attack] = rate
+            cells.append(f"{rate:7.1f} (+{fixed:5.1f}s)")
+        log(f"{row.name:24} " + " ".join(f"{c:>18}" for c in cells))
 
     from zoo.evaluate.attacks.reference import ReferenceEngine
 
@@ -178,28 +219,29 @@ def main(argv: list[str] | None = None) -> int:
                                  attacks=None)
     per_point = {a: ref_engine.cost_per_point(a, 10) for a in STAGES}
     points = {"apgd-ce": CLEAN_POINTS, "apgd-t": LATER_POINTS, "fab-t": LATER_POINTS, "square": LATER_POINTS}
-    log("\n## part 2: projected full 10k-image standard run (SCORE accuracies; passes / throughput)")
-    log(f"{'row':22} " + " ".join(f"{s:>9}" for s in STAGES) + f" {'total h':>9} {'vs RB':>6} {'vs best':>7}")
-    totals = {}
+    log(f"\n## part 2: projected full 10k-image standard run (SCORE accuracies; passes / throughput); load {load()}")
+    log(f"{'row':24} " + " ".join(f"{s:>9}" for s in STAGES) + f" {'total h':>9} {'vs RB':>6} {'vs best':>7}")
+    hours = {row.name: [points[a] * sum(per_point[a]) / through[row.name, a] / 3600 for a in STAGES]
+             for row in rows}
+    totals = {name: sum(h) for name, h in hours.items()}
+    rb, best = (totals.get(k, float("nan")) for k in ("ref-robustbench", "ref-best"))
     for row in rows:
-        hours = [points[a] * sum(per_point[a]) / through[row.name, a] / 3600 for a in STAGES]
-        totals[row.name] = sum(hours)
-    for row in rows:
-        hours = [points[a] * sum(per_point[a]) / through[row.name, a] / 3600 for a in STAGES]
-        rb, best = (totals.get(k, float("nan")) for k in ("ref-robustbench", "ref-best"))
-        log(f"{row.name:22} " + " ".join(f"{h:9.1f}" for h in hours) + f" {totals[row.name]:9.1f} "
+        log(f"{row.name:24} " + " ".join(f"{h:9.1f}" for h in hours[row.name]) + f" {totals[row.name]:9.1f} "
             f"{rb / totals[row.name]:6.2f} {best / totals[row.name]:7.2f}")
 
-    if not args.e2e:
-        return 0
+    if args.e2e:
+        end_to_end(args, model, ref_b, x, y, log)
+    return 0
+
+
+def end_to_end(args, model, ref_b: int, x, y, log) -> None:
+    """Part 3: the row at FULL settings on a few images vs the projection from its part-1 style throughput."""
     n = args.e2e_n
     xe, ye = x[:n], y[:n]
-    log(f"\n## part 3: native-bf16 end to end, FULL settings, {n} images, eps {args.e2e_eps:g}; "
-        f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    probe = Row("native-bf16", model, "native", 32, "bf16", eps=args.e2e_eps)
-    rate = {a: probe.stage(a, xe, ye) for a in STAGES}
-    rate = {a: (f + b) / s for a, (s, f, b) in rate.items()}
-    e2e = Row("native-bf16", model, "native", 32, "bf16", eps=args.e2e_eps, full=True)
+    log(f"\n## part 3: {args.e2e_row} end to end, FULL settings, {n} images, eps {args.eps:g}; load {load()}")
+    probe = make_row(args.e2e_row, model, ref_b, xe, ye, log, args.eps)
+    rate = {a: probe.throughput(a, xe, ye)[0] for a in STAGES}
+    e2e = probe   # the same engine (and compiled graphs), now at the full settings
     robust = torch.ones(n, dtype=torch.bool)
     log(f"{'stage':8} {'points':>6} {'fwd':>7} {'bwd':>7} {'predicted fwd+bwd':>18} {'projected s':>11} "
         f"{'from counted s':>14} {'measured s':>10} {'ratio':>6}")
@@ -208,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         idx = robust.nonzero().squeeze(1)
         if idx.numel() == 0:
             break
+        e2e.cut("full")
         f_pp, b_pp = e2e.engine.reference.cost_per_point(attack, 10)
         predicted = idx.numel() * (f_pp + b_pp)
         e2e.view.take_counts()
@@ -222,11 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         counted_total += counted
         meas_total += seconds
         log(f"{attack:8} {idx.numel():6d} {f:7d} {b:7d} {predicted:18d} {projected:11.1f} {counted:14.1f} "
-            f"{seconds:10.1f} {seconds / projected:6.2f}", flush=True)
+            f"{seconds:10.1f} {seconds / projected:6.2f}")
     log(f"{'total':8} {'':6} {'':7} {'':7} {'':18} {proj_total:11.1f} {counted_total:14.1f} {meas_total:10.1f} "
         f"{meas_total / proj_total:6.2f}")
-    log(f"# end: load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    return 0
+    log(f"# end: load average {load()}")
 
 
 if __name__ == "__main__":
