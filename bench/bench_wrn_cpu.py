@@ -5,6 +5,8 @@ Random weights (BatchNorm statistics from the images, labels = the model's own p
 
 - ``ref-robustbench``: pyautoattack as RobustBench calls it: batch 32, parameters requiring grad;
 - ``ref-best``: pyautoattack with frozen parameters (as zoo-eval runs it) at the batch size of a quick sweep;
+- ``ref-best-bf16-cl`` (not in the default rows): the same under bf16 autocast with a channels_last model, as
+  ``zoo-eval --precision bf16`` runs the default (reference) engine on a CPU;
 - ``native-fp32``, ``native-bf16`` (bf16 autocast, successes re-checked in fp32), ``native-bf16-cl``
   (bf16 with a channels_last model: zoo-eval's default for bf16 on a CPU), and with ``--compile``
   ``native-bf16-cl-compiled`` (the same through torch.compile).
@@ -78,7 +80,8 @@ def reference_stage(aa, attack: str, x, y, batch: int) -> None:
 class Row:
     def __init__(self, name: str, model, kind: str, batch: int, precision: str, eps: float):
         self.name, self.kind, self.batch = name, kind, batch
-        self.view = AttackView(model)
+        # the native engine runs its own autocast; the reference gets it from the view, as zoo-eval gives it
+        self.view = AttackView(model, autocast_dtype(precision) if kind == "reference" else None)
         if kind == "native":
             self.engine = NativeEngine(self.view, norm="Linf", eps=eps, seed=0, device="cpu", precision=precision)
             self.aa = self.engine.autoattack
@@ -154,6 +157,9 @@ def make_row(name: str, model, ref_b: int, x, y, log, eps: float) -> Row:
         return Row(name, model, "reference", 32, "fp32", eps)
     if name == "ref-best":
         return Row(name, model, "reference", ref_b, "fp32", eps)
+    if name == "ref-best-bf16-cl":
+        cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        return Row(name, cl_model, "reference", ref_b, "bf16", eps)
     if name in ("native-fp32", "native-bf16"):
         return Row(name, model, "native", 32, name.split("-")[1], eps)
     if name in ("native-bf16-cl", "native-bf16-cl-compiled"):
