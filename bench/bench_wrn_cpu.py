@@ -24,10 +24,12 @@ cut iterations) on --e2e-n images at the same eps, and compares the wall time pe
 projection (throughput re-measured on those images, as in part 1). Everything is timed with one torch thread
 unless --threads says otherwise. The compiled row (--compile) goes through zoo-eval's own
 ``--torch-compile default`` path (channels_last model, padded batch buckets); its compile and warm-up time is
-measured apart, before the timed runs.
+measured apart, before the timed runs. Part 4 (--through-run N) is the user's path: ``zoo.evaluate.run`` with
+its defaults, APGD-CE at 8/255 on N images, fp32 vs bf16, every fixed fp32 cost of the runner included.
 
     python -m bench.bench_wrn_cpu --compile       # parts 1-2, about 10 min on a 2-core Xeon, 1 thread
     python -m bench.bench_wrn_cpu --compile --e2e --e2e-n 1   # + part 3 (about 10 min more)
+    python -m bench.bench_wrn_cpu --rows native-bf16 --n 2 --through-run 8   # part 4: zoo.evaluate.run, ~3 min
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import functools
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -188,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="add a native-bf16-cl-compiled row (slow to compile)")
     p.add_argument("--e2e", action="store_true", help="also run part 3 (long: full settings)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--through-run", type=int, default=0, metavar="N",
+                   help="also part 4: zoo.evaluate.run, APGD-CE at 8/255 on N images, fp32 vs --precision bf16")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = functools.partial(print, flush=True)
@@ -237,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.e2e:
         end_to_end(args, model, ref_b, x, y, log)
+    if args.through_run:
+        through_run(args.through_run, model, args.threads, log)
     return 0
 
 
@@ -275,6 +282,37 @@ def end_to_end(args, model, ref_b: int, x, y, log) -> None:
     log(f"{'total':8} {'':6} {'':7} {'':7} {'':18} {proj_total:11.1f} {counted_total:14.1f} {meas_total:10.1f} "
         f"{meas_total / proj_total:6.2f}")
     log(f"# end: load average {load()}")
+
+
+def through_run(n: int, model, threads: int, log) -> None:
+    """Part 4: the user's path, ``zoo.evaluate.run`` with its defaults (reference engine; bf16: channels_last,
+    fp32 clean pass, fp32 re-check and second chance, fp32 final check), APGD-CE only at 8/255, fp32 vs bf16."""
+    import tempfile
+
+    import numpy as np
+
+    from zoo.evaluate import run
+
+    x, _ = images(n)
+    with torch.no_grad():
+        y = torch.cat([model(c).max(1)[1] for c in x.split(16)])
+    log(f"\n## part 4: zoo.evaluate.run, default engine, APGD-CE, Linf 8/255, {n} images, batch {n}; load {load()}")
+    seconds, robust = {}, {}
+    with tempfile.TemporaryDirectory(prefix="wrn-through-run-") as tmp:
+        data = Path(tmp) / "d.npz"
+        np.savez(data, x=x.numpy(), y=y.numpy())
+        for precision in ("fp32", "bf16"):
+            start = time.perf_counter()
+            record = run(copy.deepcopy(model), data=str(data), eps="8/255", version="custom", attacks=["apgd-ce"],
+                         batch_size=n, device="cpu", precision=precision, threads=threads, progress=False,
+                         model_label="wrn-28-10-random", results_dir=str(Path(tmp) / f"r-{precision}"),
+                         run_dir=str(Path(tmp) / f"run-{precision}"))
+            seconds[precision] = time.perf_counter() - start
+            robust[precision] = record.robust.correct
+            log(f"{precision}: {seconds[precision]:7.1f} s, clean {record.clean.correct}/{n}, robust "
+                f"{record.robust.correct}, channels_last {record.extra['channels_last']}, fp32-rejected "
+                f"{record.extra.get('fp32_rejected_successes')}")
+    log(f"bf16 speed-up through zoo.evaluate.run: {seconds['fp32'] / seconds['bf16']:.2f}x; load {load()}")
 
 
 if __name__ == "__main__":
