@@ -23,9 +23,10 @@ point from pyautoattack's settings (the runner's estimate), divided by each stag
 cut iterations) on --e2e-n images at the same eps, and compares the wall time per stage with the same
 projection (throughput re-measured on those images, as in part 1). Everything is timed with one torch thread
 unless --threads says otherwise. The compiled row (--compile) goes through zoo-eval's own
-``--torch-compile default`` path (channels_last model, padded batch buckets); its compile and warm-up time is
-measured apart, before the timed runs. Part 4 (--through-run N) is the user's path: ``zoo.evaluate.run`` with
-its defaults, APGD-CE at 8/255 on N images, fp32 vs bf16, every fixed fp32 cost of the runner included.
+``--torch-compile default`` path (channels_last model, batches padded to buckets of at least 8 images, so
+use --n 8 or more; fp32 checks eager); its compile and warm-up time is measured apart, before the timed runs.
+Part 4 (--through-run N) is the user's path: ``zoo.evaluate.run`` with its defaults, APGD-CE at 8/255 on N
+images, fp32 vs bf16, every fixed fp32 cost of the runner included.
 
     python -m bench.bench_wrn_cpu --compile       # parts 1-2, about 10 min on a 2-core Xeon, 1 thread
     python -m bench.bench_wrn_cpu --compile --e2e --e2e-n 1   # + part 3 (about 10 min more)
@@ -81,10 +82,11 @@ def reference_stage(aa, attack: str, x, y, batch: int) -> None:
 
 
 class Row:
-    def __init__(self, name: str, model, kind: str, batch: int, precision: str, eps: float):
+    def __init__(self, name: str, model, kind: str, batch: int, precision: str, eps: float, fp32_model=None):
         self.name, self.kind, self.batch = name, kind, batch
-        # the native engine runs its own autocast; the reference gets it from the view, as zoo-eval gives it
-        self.view = AttackView(model, autocast_dtype(precision) if kind == "reference" else None)
+        # the native engine runs its own autocast; the reference gets it from the view, as zoo-eval gives it;
+        # fp32 checks use the eager model (fp32_model) when the attacks' model is compiled, as in zoo-eval
+        self.view = AttackView(model, autocast_dtype(precision) if kind == "reference" else None, fp32_model)
         if kind == "native":
             self.engine = NativeEngine(self.view, norm="Linf", eps=eps, seed=0, device="cpu", precision=precision)
             self.aa = self.engine.autoattack
@@ -133,11 +135,12 @@ class Row:
         return rate, s_short - (f_short + b_short) / rate, s_long
 
 
-def best_batch(model, x, log) -> int:
-    """The reference's best CPU batch size: time forward+backward (input gradient, frozen) per image."""
+def best_batch(model, x, log, n: int) -> int:
+    """The reference's best CPU batch size up to ``n`` (part 1's images): time forward+backward (input
+    gradient, frozen) per image."""
     best, best_t = None, None
     for batch in (4, 8, 16):
-        if batch > x.shape[0]:
+        if batch > max(n, 4):
             break
         per = float("inf")
         for _ in range(2):   # the faster of two (a shared machine is noisy)
@@ -169,9 +172,9 @@ def make_row(name: str, model, ref_b: int, x, y, log, eps: float) -> Row:
         cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         if name.endswith("compiled"):
             start = time.perf_counter()
-            cl_model = compiled_for_attacks(cl_model, "default", tuple(x.shape[1:]), torch.device("cpu"),
+            compiled = compiled_for_attacks(cl_model, "default", tuple(x.shape[1:]), torch.device("cpu"),
                                             autocast_dtype("bf16"))
-            row = Row(name, cl_model, "native", 32, "bf16", eps)
+            row = Row(name, compiled, "native", 32, "bf16", eps, fp32_model=cl_model)
             for attack in STAGES:   # every graph the timed runs need (batch buckets, FAB's per-class backward)
                 row.stage(attack, x, y, "short")
             log(f"# {name}: compiled and warmed up in {time.perf_counter() - start:.0f} s (not in the timings)")
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         f"threads {torch.get_num_threads()}  load average {load()}")
     log(f"# WRN-28-10 random weights, Linf eps {args.eps:g}, n {args.n}, labels = own predictions "
         f"({len(torch.unique(y))} classes); part 1 cuts (APGD it, FAB-T it, Square q; 1 target): {CUTS}")
-    ref_b = best_batch(model, x, log)
+    ref_b = best_batch(model, x, log, args.n)
     names = args.rows.split(",") + (["native-bf16-cl-compiled"] if args.compile else [])
     rows = [make_row(name, model, ref_b, x[:args.n], y[:args.n], log, args.eps) for name in names]
 

@@ -1,10 +1,11 @@
 """Every question the evaluation asks a GPU, in one place.
 
 The runner's GPU-only logic (device choice under torchrun, the memory probe, out-of-memory back-off, TF32
-and cuDNN switches, channels_last by default) branches on :func:`is_gpu` and reaches ``torch.cuda`` only
-through the functions below. That keeps the branches testable without a GPU: ``tests/test_gpu_paths.py``
-replaces this module's functions with a fake CUDA device whose tensors live on the CPU
-(``torch.device("cpu", N)`` stands for ``cuda:N`` there). Real CUDA runs go through ``bench/gpu_check.sh``.
+and cuDNN switches, channels_last by default on GPUs; see :func:`default_channels_last`) branches on
+:func:`is_gpu` and reaches ``torch.cuda`` only through the functions below. That keeps the branches testable
+without a GPU: ``tests/test_gpu_paths.py`` replaces this module's functions with a fake CUDA device whose
+tensors live on the CPU (``torch.device("cpu", N)`` stands for ``cuda:N`` there). Real CUDA runs go through
+``bench/gpu_check.sh``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ _OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_AL
 
 def default_channels_last(device: torch.device, precision: str) -> bool:
     """channels_last where it is the faster layout: on GPUs, and for bf16 on a CPU (oneDNN's bf16 kernels;
-    WRN-28-10's attack passes ~15% faster, bench/RESULTS.md). fp32 on a CPU keeps NCHW."""
+    WRN-28-10's attack passes 12-23% faster, bench/RESULTS.md). fp32 on a CPU keeps NCHW."""
     return is_gpu(device) or precision == "bf16"
 
 

@@ -114,8 +114,8 @@ class RunOptions:
                                       hashed=DERIVED)
     chunk_batches: int = _option(DEFAULT_CHUNK_BATCHES, "save progress every N batches", hashed=NOT_HASHED,
                                  saved=False, type=int)
-    # Not hashed, like the device whose default it follows: a memory layout changes kernels (rounding), not
-    # the attacks; recorded in the record's extra.
+    # Not hashed, like the device whose default it follows (with the precision): a memory layout changes
+    # kernels (rounding), not the attacks; recorded in the record's extra.
     channels_last: bool | None = _option(None, "channels_last memory format (default: on GPUs, and for bf16 on a CPU)",
                                          hashed=NOT_HASHED, flag=None)
     torch_compile: str | None = _option(None, "run the attacks' model passes through torch.compile (MODE: "

@@ -294,6 +294,7 @@ def _write_record(setup: Setup, record: RunRecord, arrays: bytes) -> None:
                             f"in {setup.run_dir} and resumes straight to writing the record, without attacking "
                             "again") from None
 
+
 def _execute(setup: Setup, live: Live) -> RunRecord | None:
     """The run, holding the run folder's lock (``runlock``) throughout; orphaned temp files go first."""
     try:
