@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from tests.support import helpers as h
 from zoo.evaluate import run
@@ -21,10 +20,8 @@ FACTORY = "tests.support.helpers:TinyCNN"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("launch")
-    model = h.train_tiny_cnn()
-    torch.save(model.state_dict(), folder / "tiny.pt")
-    x, y = h.synthetic_images(12, seed=11)
-    return folder, folder / "tiny.pt", h.write_npz(folder / "d.npz", x, y)
+    _, ckpt, data = h.tiny_cnn_files(folder, 12, seed=11)
+    return folder, ckpt, data
 
 
 def _cli_args(folder, ckpt, data, name):

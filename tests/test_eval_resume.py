@@ -21,12 +21,7 @@ ATTACKS = ["apgd-ce", "apgd-t"]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    model = h.train_tiny_cnn()
-    model_path = folder / "tiny.pt"
-    torch.save(model.state_dict(), model_path)
-    x, y = h.synthetic_images(32, seed=2)
-    return model, model_path, h.write_npz(folder / "d.npz", x, y)
+    return h.tiny_cnn_files(tmp_path_factory.mktemp("tiny"), 32, seed=2)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from tests.support import helpers as h
 from zoo.errors import BadInputError
@@ -51,11 +50,7 @@ def test_shard_bounds_and_parse_refuse_nonsense():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    model = h.train_tiny_cnn()
-    torch.save(model.state_dict(), folder / "tiny.pt")
-    x, y = h.synthetic_images(16, seed=7)
-    return model, folder / "tiny.pt", h.write_npz(folder / "d.npz", x, y)
+    return h.tiny_cnn_files(tmp_path_factory.mktemp("tiny"), 16, seed=7)
 
 
 def _kwargs(folder, data_file, name, **extra):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from tests.support import helpers as h
 from zoo.evaluate import cli as eval_cli
@@ -34,14 +33,12 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
     (root / f"{FACTORY_MODULE}.py").write_text("from tests.support.helpers import TinyCNN\n\n\ndef tiny():\n"
                                                "    return TinyCNN()\n")
-    torch.save(h.train_tiny_cnn().state_dict(), root / "w.pt")
-    x, y = h.synthetic_images(N, seed=3)
-    data = h.write_npz(root / "d.npz", x, y)
+    _, weights, data = h.tiny_cnn_files(root, N, seed=3)
     with pytest.MonkeyPatch.context() as mp, h.one_thread():
         mp.syspath_prepend(str(root))
         mp.setenv("SCORE_ZOO_CACHE", str(root / "cache"))
         for seed in (0, 1):
-            assert eval_cli.main(["--model-factory", f"{FACTORY_MODULE}:tiny", "--checkpoint", str(root / "w.pt"),
+            assert eval_cli.main(["--model-factory", f"{FACTORY_MODULE}:tiny", "--checkpoint", str(weights),
                                   "--data", str(data), "--version", "custom", "--attacks", "apgd-ce", "--eps",
                                   str(h.TINY_EPS), "--batch-size", "4", "--device", "cpu", "--seed", str(seed),
                                   "--results-dir", str(root / f"results{seed}"), "--no-progress"]) == 0

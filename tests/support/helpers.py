@@ -104,6 +104,15 @@ def write_npz(path: Path, x: torch.Tensor, y: torch.Tensor) -> Path:
     return path
 
 
+def tiny_cnn_files(folder: Path, n: int, seed: int) -> tuple[TinyCNN, Path, Path]:
+    """The trained tiny CNN, its weights saved as ``folder/tiny.pt`` (for --checkpoint) and n synthetic images
+    as ``folder/d.npz`` (for --data): the set-up of the tests that run zoo-eval from files."""
+    model = train_tiny_cnn()
+    torch.save(model.state_dict(), folder / "tiny.pt")
+    x, y = synthetic_images(n, seed=seed)
+    return model, folder / "tiny.pt", write_npz(folder / "d.npz", x, y)
+
+
 # ---------------------------------------------------------------- the real shared CNN-A-Adv (MODELS.md)
 
 class Normalize(nn.Module):
