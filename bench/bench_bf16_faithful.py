@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import tempfile
 import time
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.machine import load_average
 from tests.support.helpers import Normalize
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -145,13 +145,6 @@ def run_net(name: str, n: int, attacks: list[str], engine: str, threads: int, ba
     out["disagreements"] = diffs
     out["clean_flags_equal"] = bool(np.array_equal(a.clean_correct, b.clean_correct))
     return out
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def main(argv: list[str] | None = None) -> int:

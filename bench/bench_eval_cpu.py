@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import zoo.evaluate
-from bench.bench_native_cpu import cpu_name
+from bench.machine import cpu_model, load_average
 from tests.support.native import CIFAR, CNN_A, cnn_a, margins, trained_cnn
 from zoo.domain import parse_eps
 from zoo.evaluate.data import load_file
@@ -138,9 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     data = load_file(CIFAR, args.n)   # exactly the tensors zoo.evaluate.run reads from the same file
     x, y = data.x, data.y
     model = build(args.model)
-    load = os.getloadavg()
-    print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_name()}  {os.cpu_count()} CPUs  "
-          f"load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}  torch {torch.__version__}  threads {args.threads}")
+    print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_model()}  {os.cpu_count()} CPUs  "
+          f"load avg {load_average()}  torch {torch.__version__}  threads {args.threads}")
     print(f"# model {args.model}: {MODELS[args.model]}")
     print(f"# data {CIFAR.name} first {args.n}  Linf eps {args.eps}  AutoAttack standard  seed 0")
     print("# timed: whole calls. Flags and x_adv are compared with the baseline example by example.")

@@ -17,27 +17,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
-import subprocess
 import sys
 import time
 
 import torch
 
+from bench.machine import cpu_model, load_average
 from tests.support.native import CIFAR, CNN_A, cnn_a, images, margins  # model, data, margins
 from zoo.evaluate.attacks.native.engine import NativeEngine, NativeOptions
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def build(name: str, device: torch.device) -> torch.nn.Module:
@@ -129,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         clean = torch.cat([model(c).max(1)[1] for c in x.split(args.batch_size)]) == y
     flags = {"reference": clean.clone(), "native": clean.clone()}
 
-    print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_name()}  torch {torch.__version__}  "
+    print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_model()}  torch {torch.__version__}  "
           f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}  "
-          f"threads {torch.get_num_threads()}  load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+          f"threads {torch.get_num_threads()}  load average {load_average()}")
     print(f"# model {args.model}  norm {args.norm}  eps {args.eps:.5f}  n {args.n}  B {args.batch_size}  "
           f"precision {args.precision}  square queries {args.square_queries}  clean {int(clean.sum())}/{args.n}")
     print(f"{'attack':8} {'reference s':>12} {'native s':>9} {'speed-up':>9} {'robust ref':>11} "
@@ -161,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'total':8} {totals['reference']:12.2f} {totals['native']:9.2f} "
               f"{totals['reference'] / max(totals['native'], 1e-9):9.2f}")
     print(f"# native counters: {engine.counters}")
-    print(f"# end: load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"# end: load average {load_average()}")
     return 0
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.bench_bf16_faithful import DATA, load_average, load_net
+from bench.bench_bf16_faithful import DATA, load_net
+from bench.machine import load_average
 
 
 def _zoo_eval(args: list[str], env: dict) -> subprocess.Popen:

@@ -39,7 +39,6 @@ import argparse
 import copy
 import datetime
 import functools
-import os
 import sys
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ from pathlib import Path
 import torch
 
 from bench.bench_gpu import build_wrn
-from bench.bench_native_cpu import cpu_name
+from bench.machine import cpu_model, load_average
 from tests.support.native import images
 from zoo.evaluate.attacks.compiled import compiled_for_attacks
 from zoo.evaluate.attacks.engine import AttackView
@@ -154,10 +153,6 @@ def best_batch(model, x, log, n: int) -> int:
     return best
 
 
-def load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def make_row(name: str, model, ref_b: int, x, y, log, eps: float) -> Row:
     if name == "ref-robustbench":
         return Row(name, model, "reference", 32, "fp32", eps)
@@ -206,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         q.requires_grad_(False)
     with torch.no_grad():
         y = torch.cat([model(c).max(1)[1] for c in x.split(16)])
-    log(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_name()}  torch {torch.__version__}  "
-        f"threads {torch.get_num_threads()}  load average {load()}")
+    log(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_model()}  torch {torch.__version__}  "
+        f"threads {torch.get_num_threads()}  load average {load_average()}")
     log(f"# WRN-28-10 random weights, Linf eps {args.eps:g}, n {args.n}, labels = own predictions "
         f"({len(torch.unique(y))} classes); part 1 cuts (APGD it, FAB-T it, Square q; 1 target): {CUTS}")
     ref_b = best_batch(model, x, log, args.n)
@@ -233,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                                  attacks=None)
     per_point = {a: ref_engine.cost_per_point(a, 10) for a in STAGES}
     points = {"apgd-ce": CLEAN_POINTS, "apgd-t": LATER_POINTS, "fab-t": LATER_POINTS, "square": LATER_POINTS}
-    log(f"\n## part 2: projected full 10k-image standard run (SCORE accuracies; passes / throughput); load {load()}")
+    log(f"\n## part 2: projected full 10k-image standard run (SCORE accuracies; passes / throughput); "
+        f"load {load_average()}")
     log(f"{'row':24} " + " ".join(f"{s:>9}" for s in STAGES) + f" {'total h':>9} {'vs RB':>6} {'vs best':>7}")
     hours = {row.name: [points[a] * sum(per_point[a]) / through[row.name, a] / 3600 for a in STAGES]
              for row in rows}
@@ -254,7 +250,7 @@ def end_to_end(args, model, ref_b: int, x, y, log) -> None:
     """Part 3: the row at FULL settings on a few images vs the projection from its part-1 style throughput."""
     n = args.e2e_n
     xe, ye = x[:n], y[:n]
-    log(f"\n## part 3: {args.e2e_row} end to end, FULL settings, {n} images, eps {args.eps:g}; load {load()}")
+    log(f"\n## part 3: {args.e2e_row} end to end, FULL settings, {n} images, eps {args.eps:g}; load {load_average()}")
     probe = make_row(args.e2e_row, model, ref_b, xe, ye, log, args.eps)
     rate = {a: probe.throughput(a, xe, ye)[0] for a in STAGES}
     e2e = probe   # the same engine (and compiled graphs), now at the full settings
@@ -284,7 +280,7 @@ def end_to_end(args, model, ref_b: int, x, y, log) -> None:
             f"{seconds:10.1f} {seconds / projected:6.2f}")
     log(f"{'total':8} {'':6} {'':7} {'':7} {'':18} {proj_total:11.1f} {counted_total:14.1f} {meas_total:10.1f} "
         f"{meas_total / proj_total:6.2f}")
-    log(f"# end: load average {load()}")
+    log(f"# end: load average {load_average()}")
 
 
 def through_run(n: int, model, threads: int, log) -> None:
@@ -299,7 +295,8 @@ def through_run(n: int, model, threads: int, log) -> None:
     x, _ = images(n)
     with torch.no_grad():
         y = torch.cat([model(c).max(1)[1] for c in x.split(16)])
-    log(f"\n## part 4: zoo.evaluate.run, default engine, APGD-CE, Linf 8/255, {n} images, batch {n}; load {load()}")
+    log(f"\n## part 4: zoo.evaluate.run, default engine, APGD-CE, Linf 8/255, {n} images, batch {n}; "
+        f"load {load_average()}")
     seconds, robust = {}, {}
     with tempfile.TemporaryDirectory(prefix="wrn-through-run-") as tmp:
         data = Path(tmp) / "d.npz"
@@ -315,7 +312,7 @@ def through_run(n: int, model, threads: int, log) -> None:
             log(f"{precision}: {seconds[precision]:7.1f} s, clean {record.clean.correct}/{n}, robust "
                 f"{record.robust.correct}, channels_last {record.extra['channels_last']}, fp32-rejected "
                 f"{record.extra.get('fp32_rejected_successes')}")
-    log(f"bf16 speed-up through zoo.evaluate.run: {seconds['fp32'] / seconds['bf16']:.2f}x; load {load()}")
+    log(f"bf16 speed-up through zoo.evaluate.run: {seconds['fp32'] / seconds['bf16']:.2f}x; load {load_average()}")
 
 
 if __name__ == "__main__":
