@@ -28,10 +28,8 @@ import torch
 from torch import nn
 
 from bench.machine import load_average
-from tests.support.helpers import Normalize
+from tests.support.helpers import SHARED, SHARED_DATA, Normalize, shared_cifar, write_npz
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DATA = SHARED / "data" / "cifar10_test_first1000.npz"
 MODELS = SHARED / "models"
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 ABCROWN_STD = (0.2471, 0.2435, 0.2616)
@@ -111,11 +109,8 @@ def per_example(record, results_dir: Path):
 def run_net(name: str, n: int, attacks: list[str], engine: str, threads: int, batch_size: int, work: Path) -> dict:
     from zoo.evaluate import run
 
-    with np.load(DATA) as d:
-        x = torch.from_numpy(d["x"][:n]).permute(0, 3, 1, 2).float().div(255).contiguous()
-        y = torch.from_numpy(d["y"][:n]).long()
-    data = work / f"{name}.npz"
-    np.savez(data, x=x.numpy(), y=y.numpy())
+    x, y = shared_cifar(n)
+    data = write_npz(work / f"{name}.npz", x, y)
     model = load_net(name)
     out = {"net": name, "n": n}
     flags = {}
@@ -159,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
-    if not DATA.exists():
+    if not SHARED_DATA.exists():
         raise SystemExit(f"needs the shared data and nets ({SHARED})")
     torch.set_num_threads(args.threads)
     env = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpus.cpu_model(), "bf16_flag": cpus.native_bf16(),

@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from bench.bench_bf16_faithful import DATA, load_net
 from bench.machine import load_average
+from tests.support.helpers import shared_cifar, write_npz
 
 
 def _zoo_eval(args: list[str], env: dict) -> subprocess.Popen:
@@ -50,14 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="shard-threads-") as tmp:
         work = Path(tmp)
-        model = load_net(args.net)
-        torch.save(model.state_dict(), work / "net.pt")
         (work / "benchnet.py").write_text(
             "from bench.bench_bf16_faithful import load_net\n"
             f"def build():\n    return load_net({args.net!r})\n")
-        with np.load(DATA) as d:
-            x = d["x"][: args.n].transpose(0, 3, 1, 2).astype(np.float32) / 255
-            np.savez(work / "d.npz", x=x, y=d["y"][: args.n])
+        write_npz(work / "d.npz", *shared_cifar(args.n))
         repo = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(work), repo])}
         env.pop("OMP_NUM_THREADS", None)   # the processes choose their threads themselves (--threads)

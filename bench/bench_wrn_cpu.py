@@ -123,15 +123,15 @@ class Row:
         f, b = self.view.take_counts()
         return seconds, f, b
 
-    def throughput(self, attack: str, x, y) -> tuple[float, float, float]:
-        """(passes per second from the short/long difference, fixed seconds of one stage run, long run's s)."""
+    def throughput(self, attack: str, x, y) -> tuple[float, float]:
+        """(passes per second from the short/long difference, fixed seconds of one stage run)."""
         s_short, f_short, b_short = self.stage(attack, x, y, "short")
         s_long, f_long, b_long = self.stage(attack, x, y, "long")
         if f_long + b_long <= f_short + b_short:
             sys.exit(f"error: {self.name} {attack}: the long cut made no more model passes than the short one "
                      "(were the points fooled early? use a smaller --eps)")
         rate = (f_long + b_long - f_short - b_short) / max(s_long - s_short, 1e-9)
-        return rate, s_short - (f_short + b_short) / rate, s_long
+        return rate, s_short - (f_short + b_short) / rate
 
 
 def best_batch(model, x, log, n: int) -> int:
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         cells = []
         for attack in STAGES:
-            rate, fixed, _ = row.throughput(attack, xs, ys)
+            rate, fixed = row.throughput(attack, xs, ys)
             through[row.name, attack] = rate
             cells.append(f"{rate:7.1f} (+{fixed:5.1f}s)")
         log(f"{row.name:24} " + " ".join(f"{c:>18}" for c in cells))
@@ -251,9 +251,8 @@ def end_to_end(args, model, ref_b: int, x, y, log) -> None:
     n = args.e2e_n
     xe, ye = x[:n], y[:n]
     log(f"\n## part 3: {args.e2e_row} end to end, FULL settings, {n} images, eps {args.eps:g}; load {load_average()}")
-    probe = make_row(args.e2e_row, model, ref_b, xe, ye, log, args.eps)
-    rate = {a: probe.throughput(a, xe, ye)[0] for a in STAGES}
-    e2e = probe   # the same engine (and compiled graphs), now at the full settings
+    e2e = make_row(args.e2e_row, model, ref_b, xe, ye, log, args.eps)
+    rate = {a: e2e.throughput(a, xe, ye)[0] for a in STAGES}   # then the same engine at the full settings
     robust = torch.ones(n, dtype=torch.bool)
     log(f"{'stage':8} {'points':>6} {'fwd':>7} {'bwd':>7} {'predicted fwd+bwd':>18} {'projected s':>11} "
         f"{'from counted s':>14} {'measured s':>10} {'ratio':>6}")
@@ -297,7 +296,7 @@ def through_run(n: int, model, threads: int, log) -> None:
         y = torch.cat([model(c).max(1)[1] for c in x.split(16)])
     log(f"\n## part 4: zoo.evaluate.run, default engine, APGD-CE, Linf 8/255, {n} images, batch {n}; "
         f"load {load_average()}")
-    seconds, robust = {}, {}
+    seconds = {}
     with tempfile.TemporaryDirectory(prefix="wrn-through-run-") as tmp:
         data = Path(tmp) / "d.npz"
         np.savez(data, x=x.numpy(), y=y.numpy())
@@ -308,7 +307,6 @@ def through_run(n: int, model, threads: int, log) -> None:
                          model_label="wrn-28-10-random", results_dir=str(Path(tmp) / f"r-{precision}"),
                          run_dir=str(Path(tmp) / f"run-{precision}"))
             seconds[precision] = time.perf_counter() - start
-            robust[precision] = record.robust.correct
             log(f"{precision}: {seconds[precision]:7.1f} s, clean {record.clean.correct}/{n}, robust "
                 f"{record.robust.correct}, channels_last {record.extra['channels_last']}, fp32-rejected "
                 f"{record.extra.get('fp32_rejected_successes')}")

@@ -183,6 +183,7 @@ def test_progress_bar_on_a_terminal_and_log_lines_otherwise(monkeypatch, caplog)
     bar.end_chunk(10, robust=7, n=40)
     bar.close()
     assert "[2/4] apgd-t" in term.getvalue() and "robust 17.50%" in term.getvalue()
+    assert "75%" in term.getvalue() and "15.0/20.0" in term.getvalue()   # the bar advanced by the chunk
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     with caplog.at_level(logging.INFO, logger="zoo.evaluate"):
         bar = StageProgress(True, "square", 3, 4, points=20, points_done=0, per_point=1)
