@@ -130,7 +130,7 @@ def _summary(record) -> str:
     lines += [row(s.attack, s.robust, f"  {s.seconds:.1f} s") for s in record.stages]
     lines += [f"  {c:<18} " + " ".join(f"{p:6.2f}" for p in accs) for c, accs in record.corruption_percent.items()]
     lines.append(row("corruptions" if record.kind == "corruptions" else "robust", record.robust))
-    if record.trained_threat and record.trained_threat != record.threat:
+    if record.cross_threat:
         lines.append(f"  (checkpoint trained for {record.trained_threat}, evaluated under {record.threat})")
     lines += checks.summary_lines(record.checks)   # the reliability block
     return "\n".join(lines)

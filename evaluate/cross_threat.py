@@ -30,8 +30,3 @@ def pick_variant(info: Any, dataset: str, threat: str, trained_threat: str | Non
         f"{info.name} has no {dataset} checkpoint trained for {threat} (trained for: {have})",
         hint=f"pass --trained-threat {on_dataset[0].threat if on_dataset else 'linf'} to evaluate that checkpoint "
              f"under {threat}" if on_dataset else "pick another --dataset")
-
-
-def is_cross_threat(trained_threat: str | None, threat: str) -> bool:
-    """True when a record evaluates a checkpoint under a threat it was not trained for."""
-    return trained_threat is not None and trained_threat != threat

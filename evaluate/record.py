@@ -232,6 +232,11 @@ class RunRecord:
             raise RecordError(f"{origin}: inconsistent corruptions record: " + "; ".join(problems))
 
     @property
+    def cross_threat(self) -> bool:
+        """A checkpoint trained for one threat evaluated under another (``trained_threat`` set and different)."""
+        return self.trained_threat not in (None, self.threat)
+
+    @property
     def corruption_percent(self) -> dict[str, list[float]]:
         """{corruption: [accuracy in % of severity 1..5]} (corruptions records; empty otherwise)."""
         return {c: [a.percent for a in accs] for c, accs in (self.corruptions or {}).items()}

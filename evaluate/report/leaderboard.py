@@ -104,7 +104,7 @@ def latest_runs(records: list[RunRecord], dataset: str, threat: str, eps_value: 
     latest: dict[str, RunRecord] = {}
     for record in chosen:   # a cross-threat run never replaces (nor hides behind) the model's own-threat run
         model = canonical_model(record.model) + (f" (trained for {record.trained_threat})"
-                                                 if is_cross_threat(record) else "")
+                                                 if ranked_apart(record) else "")
         if model not in latest or _preference(record) > _preference(latest[model]):
             latest[model] = record
     return latest
@@ -174,14 +174,13 @@ def _entry_from_record(record: RunRecord) -> Entry:
                  architecture=meta.architecture.label if meta else None, venue=meta.paper.venue if meta else None,
                  n_ex=record.n_ex, source=f"score-zoo run {record.run_id}", ours=True, score=meta is not None,
                  additional_data=meta.additional_data if meta else None, robust_interval=record.robust.interval,
-                 trained_threat=record.trained_threat if is_cross_threat(record) else None,
+                 trained_threat=record.trained_threat if ranked_apart(record) else None,
                  unreliable=record.unreliable)
 
 
-def is_cross_threat(record: RunRecord) -> bool:
-    """A checkpoint trained for one norm threat evaluated under another (corruptions boards rank any model, as
-    RobustBench's do)."""
-    return record.kind != "corruptions" and record.trained_threat not in (None, record.threat)
+def ranked_apart(record: RunRecord) -> bool:
+    """A cross-threat run, listed unranked (corruptions boards rank any model, as RobustBench's do)."""
+    return record.kind != "corruptions" and record.cross_threat
 
 
 def _score_ids() -> set[str]:

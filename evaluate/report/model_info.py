@@ -93,7 +93,7 @@ def model_info(record: RunRecord, allow_partial: bool = False) -> dict[str, Any]
     if record.kind == "corruptions":
         return _corruptions_model_info(record, allow_partial)
     meta = info(record.model)
-    if record.trained_threat and record.trained_threat != record.threat:
+    if record.cross_threat:
         raise BadInputError(f"run {record.run_id} evaluates a checkpoint trained for {record.trained_threat} under "
                             f"{record.threat}; RobustBench's {ROBUSTBENCH_THREAT[record.threat]} files list the "
                             "released checkpoint for that threat", hint="publish it as a cross-threat result in "

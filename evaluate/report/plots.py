@@ -171,8 +171,8 @@ def corruptions_figure(record: RunRecord) -> Any:
     if record.kind != "corruptions" or not record.corruptions:
         raise BadInputError(f"run {record.run_id} is not a corruptions run (kind {record.kind!r})",
                             hint="pass a record of zoo-eval --threat corruptions")
-    names = list(record.corruptions)
-    values = [[a.percent for a in record.corruptions[c]] for c in names]
+    percent = record.corruption_percent
+    names, values = list(percent), list(percent.values())
     with matplotlib.rc_context(STYLE):
         from matplotlib.figure import Figure
         fig = Figure(figsize=(WIDTH_IN, 0.22 * len(names) + 1.2), dpi=DPI, layout="constrained")
