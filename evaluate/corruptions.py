@@ -39,7 +39,7 @@ from .prepare import (_absolute, _check_choice, _check_outputs, _check_writable,
                       _prepare_model, _registry_variant, _resolve_device, _resolve_shard, check_label,
                       library_versions)
 from .record import Accuracy, RunRecord
-from .sharding import DistributedEnv, distributed_env, shard_bounds
+from .sharding import DistributedEnv, distributed_env, shard_bounds, unfinished_shards, wait_for_shards
 from .state import config_hash, read_config, start_run_folder
 
 log = logging.getLogger("zoo.evaluate")
@@ -148,8 +148,12 @@ def _sets_sha256(sets: CorruptionSets, n: int) -> str:
 # ---------------------------------------------------------------- shard state
 
 
+def state_file_name(index: int, count: int) -> str:
+    return f"corruptions-{index:03d}-of-{count:03d}.npz"
+
+
 def state_path(run_dir: Path, index: int, count: int) -> Path:
-    return Path(run_dir) / f"corruptions-{index:03d}-of-{count:03d}.npz"
+    return Path(run_dir) / state_file_name(index, count)
 
 
 @dataclass
@@ -342,9 +346,9 @@ def _execute_locked(setup: CorruptionsSetup, doc: dict[str, Any]) -> RunRecord |
         if setup.dist is not None:
             if setup.dist.rank != 0:
                 return None
-            wait_for_shards_files(setup, k)
+            wait_for_shards(setup.run_dir, k, name=state_file_name, finished=_finished)
         else:
-            pending = [j for j in range(k) if not _finished(state_path(setup.run_dir, j, k))]
+            pending = unfinished_shards(setup.run_dir, k, state_file_name, _finished)
             if pending:
                 log.info("shard %d/%d finished; still waiting for shard(s) %s (the last one writes the record, "
                          "or run `zoo-eval merge %s`)", i, k, pending, setup.run_dir)
@@ -357,14 +361,6 @@ def _finished(path: Path) -> bool:
         return path.exists() and State.load(path).done
     except RunStateError:
         return False
-
-
-def wait_for_shards_files(setup: CorruptionsSetup, k: int, poll_seconds: float = 2.0) -> None:
-    deadline = time.monotonic() + constants.shard_timeout()
-    while not all(_finished(state_path(setup.run_dir, j, k)) for j in range(k)):
-        if time.monotonic() > deadline:
-            raise RunStateError(f"timed out waiting for corruptions shards in {setup.run_dir}")
-        time.sleep(poll_seconds)
 
 
 def merge(run_dir: str | Path, model: nn.Module | None = None, results_dir: str | Path | None = None,

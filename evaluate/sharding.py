@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,12 +90,17 @@ def shard_path(run_dir: Path, index: int, count: int) -> Path:
     return Path(run_dir) / shard_file_name(index, count)
 
 
-def unfinished_shards(run_dir: Path, count: int) -> list[int]:
-    """The indices of this split's shards whose state files are missing or not finished yet."""
-    return [i for i in range(count) if not ShardState.is_finished(shard_path(run_dir, i, count))]
+def unfinished_shards(run_dir: Path, count: int, name: Callable[[int, int], str] = shard_file_name,
+                      finished: Callable[[Path], bool] = ShardState.is_finished) -> list[int]:
+    """The indices of this split's shards whose state files are missing or not finished yet. ``name`` and
+    ``finished`` say how a run kind names its shard files and tells a finished one (corruptions runs have
+    their own)."""
+    return [i for i in range(count) if not finished(Path(run_dir) / name(i, count))]
 
 
-def wait_for_shards(run_dir: Path, count: int, poll_seconds: float = 2.0, timeout: float | None = None) -> None:
+def wait_for_shards(run_dir: Path, count: int, poll_seconds: float = 2.0, timeout: float | None = None,
+                    name: Callable[[int, int], str] = shard_file_name,
+                    finished: Callable[[Path], bool] = ShardState.is_finished) -> None:
     """Block until all ``count`` shard files of this split exist and are finished (torchrun's rank 0).
 
     Gives up after ``timeout`` seconds (default: ``SCORE_ZOO_SHARD_TIMEOUT``, 4 hours) with the commands
@@ -105,7 +111,7 @@ def wait_for_shards(run_dir: Path, count: int, poll_seconds: float = 2.0, timeou
     start = time.monotonic()
     last_note = 0.0
     while True:
-        pending = unfinished_shards(run_dir, count)
+        pending = unfinished_shards(run_dir, count, name, finished)
         if not pending:
             return
         waited = time.monotonic() - start
@@ -113,7 +119,7 @@ def wait_for_shards(run_dir: Path, count: int, poll_seconds: float = 2.0, timeou
             commands = "; ".join(f"zoo-eval --resume {run_dir} --shard {i}/{count}" for i in pending)
             raise RunStateError(
                 f"shard(s) {pending} of {count} did not finish within {timeout:.0f} s of this shard "
-                f"({', '.join(shard_file_name(i, count) for i in pending)} in {run_dir} missing or unfinished); "
+                f"({', '.join(name(i, count) for i in pending)} in {run_dir} missing or unfinished); "
                 "finished shards are kept",
                 hint=f"finish them with `{commands}` (each resumes where it stopped; the last one writes the "
                      f"record), or run them elsewhere and then `zoo-eval merge {run_dir}`; "
