@@ -29,36 +29,40 @@ log = logging.getLogger("zoo.evaluate")
 
 
 def bf16_misses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rejected, retry) boolean masks over the batch, on the CPU.
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rejected, retry) boolean masks over the batch, on the CPU, and the fp32 predictions on ``adv``.
 
     retry: bf16 calls the returned image misclassified, fp32 does not; rejected: those of them that the
     attack changed (a real claim of success that fp32 did not confirm).
     """
     with torch.no_grad():
         with strict_fp32(device):
-            fooled = model(adv).argmax(dim=1) != y
+            pred = model(adv).argmax(dim=1)
+            fooled = pred != y
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
             claimed = model(adv).argmax(dim=1) != y
     changed = (adv != x).flatten(1).any(dim=1)
     retry = (claimed & ~fooled).cpu()
-    return retry & changed.cpu(), retry
+    return retry & changed.cpu(), retry, pred
 
 
 def fp32_second_chance(setup, state, fp32_engine, attack: str, stage: int,
                        batches: list[tuple[torch.Tensor, torch.Tensor]], advs: list[torch.Tensor]
-                       ) -> list[torch.Tensor]:
-    """``advs`` with the points bf16 missed attacked again in fp32; counts rejections in ``state``."""
-    subs, where = [], []
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """``advs`` with the points bf16 missed attacked again in fp32, and each batch's fp32 predictions on its
+    returned images (None for a batch changed here: the runner predicts it again); counts rejections in
+    ``state``."""
+    subs, where, preds = [], [], []
     for i, ((x, y), adv) in enumerate(zip(batches, advs)):
-        rejected, retry = bf16_misses(setup.model, x, y, adv, setup.device)
+        rejected, retry, pred = bf16_misses(setup.model, x, y, adv, setup.device)
+        preds.append(pred)
         state.rejected[stage] += int(rejected.sum())
         if retry.any():
             idx = torch.nonzero(retry).flatten().to(x.device)
             subs.append((x[idx].contiguous(), y[idx]))
             where.append((i, idx))
     if not subs:
-        return advs
+        return advs, preds
     fp32_engine.replay(setup.attacks[:stage])   # the attack objects in the state the bf16 engine's are in
     outs = fp32_engine.attack_batches(attack, subs)
     advs = list(advs)
@@ -66,6 +70,7 @@ def fp32_second_chance(setup, state, fp32_engine, attack: str, stage: int,
         patched = advs[i].clone()
         patched[idx] = out.to(device=patched.device, dtype=patched.dtype)
         advs[i] = patched
+        preds[i] = None
     log.debug("%s: %d point(s) bf16 misclassified but fp32 did not, attacked again in fp32", attack,
               int(np.sum([len(idx) for _, idx in where])))
-    return advs
+    return advs, preds

@@ -200,20 +200,22 @@ def _attack_chunk(setup: Setup, engine, state: ShardState, attack: str, stage: i
     advs = list(engine.attack_batches(attack, batches))
     if len(advs) != len(batches):
         raise RuntimeError(f"engine {setup.opts.engine} returned {len(advs)} results for {len(batches)} batches")
-    if fp32_engine is not None:
-        for (x, _), adv in zip(batches, advs):
-            _check_shape(setup, attack, x, adv)
-        advs = fp32_second_chance(setup, state, fp32_engine, attack, stage, batches, advs)
-    for pos, (x, y), adv in zip(chunk, batches, advs):
-        _record_batch(setup, state, attack, stage, pos, x, y, adv)
+    for (x, _), adv in zip(batches, advs):
+        _check_shape(setup, attack, x, adv)
+    preds: list[torch.Tensor | None] = [None] * len(advs)
+    if fp32_engine is not None:   # bf16: its fp32 check already predicted the batches it leaves unchanged
+        advs, preds = fp32_second_chance(setup, state, fp32_engine, attack, stage, batches, advs)
+    for pos, (x, y), adv, pred in zip(chunk, batches, advs, preds):
+        _record_batch(setup, state, stage, pos, y, adv, pred)
 
 
-def _record_batch(setup: Setup, state: ShardState, attack: str, stage: int, pos: np.ndarray, x: torch.Tensor,
-                  y: torch.Tensor, adv: torch.Tensor) -> None:
-    """The reference's success test (prediction on the returned image differs from the label), in fp32."""
+def _record_batch(setup: Setup, state: ShardState, stage: int, pos: np.ndarray, y: torch.Tensor,
+                  adv: torch.Tensor, pred: torch.Tensor | None) -> None:
+    """The reference's success test (fp32 prediction on the returned image, ``pred`` when already made, differs
+    from the label)."""
     dev = setup.device
-    _check_shape(setup, attack, x, adv)
-    pred = _predict(setup.model, adv, dev)
+    if pred is None:
+        pred = _predict(setup.model, adv, dev)
     fooled = (pred != y).cpu().numpy()
     hit = pos[fooled]
     if len(hit):

@@ -81,7 +81,7 @@ def test_without_the_fp32_second_chance_the_image_would_stay_robust(tmp_path, na
     """The bug the second chance fixes, shown: APGD returns the image unchanged as 'already adversarial'."""
     model, data = flip_data(tmp_path)
     monkeypatch.setattr(runner_mod, "fp32_second_chance", lambda setup, state, eng, attack, stage, batches, advs:
-                        advs)
+                        (advs, [None] * len(advs)))
     bf16 = run(model, **_kw(tmp_path, data, "bug", precision="bf16"))
     assert _pe(tmp_path, "bug", bf16).robust[FLIP]
 
