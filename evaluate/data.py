@@ -7,7 +7,6 @@ images.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from zoo import constants
 from zoo.domain import DATASET_TABLE, Dataset
 from zoo.errors import BadInputError, DataError, DownloadError, OfflineError
 from zoo.fileio import sha256_file
+
+from .integrity import content_sha256
 
 
 
@@ -217,10 +218,6 @@ def _from_uint8_nhwc(x: np.ndarray) -> torch.Tensor:
 def _finish(x: torch.Tensor, y: np.ndarray, dataset: str, num_classes: int | None, source: dict) -> EvalData:
     x = x.contiguous()
     y_t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
-    digest = hashlib.sha256()
-    digest.update(str(tuple(x.shape)).encode())
-    digest.update(x.numpy().tobytes())
-    digest.update(y_t.numpy().tobytes())
-    source = {**source, "n": int(len(y_t)), "content_sha256": digest.hexdigest()}
+    source = {**source, "n": int(len(y_t)), "content_sha256": content_sha256(x.numpy(), y_t.numpy())}
     return EvalData(x=x, y=y_t, indices=tuple(range(len(y_t))), dataset=dataset, num_classes=num_classes,
                     source=source)

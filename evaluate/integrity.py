@@ -336,7 +336,8 @@ CIFAR_TEST_FILES = {"cifar10": ("test_batch", "40351d587109b95175f43aff81a1287e"
 
 
 def content_sha256(x: np.ndarray, y: np.ndarray) -> str:
-    """The data identity the configuration holds (``data._finish``): float32 NCHW images and int64 labels."""
+    """The data identity the configuration holds (``data._finish`` computes it with this): float32 NCHW images
+    and int64 labels."""
     digest = hashlib.sha256()
     digest.update(str(tuple(int(d) for d in x.shape)).encode())
     digest.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
