@@ -29,6 +29,7 @@ numpy only: the report commands must not import torch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -349,11 +350,33 @@ def _clean_images(record: RunRecord) -> tuple[np.ndarray | None, str]:
     """The run's clean images (float32 NCHW in [0, 1], in the order of its indices) re-read from its data
     source, or None and why not. They count only when their content hash is the recorded one. numpy only: a
     ``--data`` file, or the test file of a torchvision CIFAR folder (unpickled only after its published md5
-    matched, as torchvision does)."""
+    matched, as torchvision does). A report reads many records of one data set: the verified images are
+    kept for the next record while the file is unchanged (same inode, size and modification time)."""
     source, path = record.data.get("source"), Path(str(record.data.get("path")))
-    n = record.data.get("n")
-    if not isinstance(n, int) or n < len(record.indices) or not record.data.get("content_sha256"):
+    n, digest = record.data.get("n"), record.data.get("content_sha256")
+    if not isinstance(n, int) or n < len(record.indices) or not digest:
         return None, "the record does not identify its data"
+    if source not in ("file", "torchvision"):
+        return None, f"unknown data source {source!r}"
+    spec = CIFAR_TEST_FILES.get(record.dataset) if source == "torchvision" else None
+    read = path / spec[0] if spec else path
+    try:
+        st = read.stat()
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        stamp = None
+    x, why = _verified_images(source, str(path), record.dataset, spec, n, str(digest), stamp)
+    if x is None:
+        return None, why
+    return x[np.asarray(record.indices, dtype=np.int64)], ""
+
+
+@functools.lru_cache(maxsize=2)
+def _verified_images(source: str, path_text: str, dataset: str, spec: tuple[str, str, str] | None, n: int,
+                     digest: str, stamp: tuple[int, int, int] | None) -> tuple[np.ndarray | None, str]:
+    """The first n images of a data source whose content hash is ``digest`` (read-only), or None and why not;
+    ``spec``: the torchvision test file's (name, md5, label key); ``stamp`` is only part of the cache key."""
+    path = Path(path_text)
     if source == "file":
         if not path.is_file():
             return None, f"the data file {path} is missing"
@@ -364,13 +387,13 @@ def _clean_images(record: RunRecord) -> tuple[np.ndarray | None, str]:
             return None, f"cannot read {path} ({exc})"
         if x.dtype == np.uint8 and x.ndim == 4:            # NHWC 0-255, as zoo-eval reads it
             x = x.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
-    elif source == "torchvision" and record.dataset in CIFAR_TEST_FILES:
-        name, md5, label_key = CIFAR_TEST_FILES[record.dataset]
+    elif spec is not None:
+        name, md5, label_key = spec
         test_file = path / name
         if not test_file.is_file():
             return None, f"{test_file} is missing"
         if hashlib.md5(test_file.read_bytes()).hexdigest() != md5:
-            return None, f"{test_file} is not the published {record.dataset} test file (md5 differs)"
+            return None, f"{test_file} is not the published {dataset} test file (md5 differs)"
         import pickle   # the published file (md5 above), which torchvision unpickles the same way
 
         try:
@@ -383,9 +406,11 @@ def _clean_images(record: RunRecord) -> tuple[np.ndarray | None, str]:
         x = x.astype(np.float32) / np.float32(255)
     else:
         return None, f"unknown data source {source!r}"
-    if len(x) < n or len(y) < n or content_sha256(x, y) != record.data["content_sha256"]:
+    if len(x) < n or len(y) < n or content_sha256(x, y) != digest:
         return None, f"{path} no longer holds the images the run read (content sha256 differs)"
-    return np.ascontiguousarray(x, dtype=np.float32)[np.asarray(record.indices, dtype=np.int64)], ""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    x.setflags(write=False)
+    return x, ""
 
 
 def load_arrays(data: bytes, origin: str) -> dict[str, np.ndarray]:
