@@ -39,6 +39,7 @@ from .prepare import (_absolute, _check_choice, _check_outputs, _check_writable,
                       _prepare_model, _registry_variant, _resolve_device, _resolve_shard, check_label,
                       library_versions)
 from .record import Accuracy, RunRecord
+from .runner import _write_record
 from .sharding import DistributedEnv, distributed_env, shard_bounds, unfinished_shards, wait_for_shards
 from .state import config_hash, read_config, start_run_folder
 
@@ -291,7 +292,6 @@ def _finalize(setup: CorruptionsSetup, doc: dict[str, Any]) -> RunRecord:
                "n_examples_semantics": "first n images of each (corruption, severity) set, as RobustBench",
                "run_dir": str(setup.run_dir.resolve())},
         kind=THREAT, trained_threat=o.trained_threat, corruptions=accuracies)
-    json_path = Path(o.results_dir) / record.relative_path()
     buffer = io.BytesIO()
     np.savez_compressed(buffer, indices=np.arange(n, dtype=np.int64), clean_correct=clean_correct,
                         correct=all_correct.reshape(len(CORRUPTIONS), len(SEVERITIES), n),
@@ -299,8 +299,7 @@ def _finalize(setup: CorruptionsSetup, doc: dict[str, Any]) -> RunRecord:
     arrays = buffer.getvalue()
     record = dataclasses.replace(record, integrity=integrity.seal(arrays, setup.config, doc["invocation"]))
     record.validate()
-    atomic_write_bytes(json_path.with_suffix(".npz"), arrays)
-    record.write(o.results_dir)
+    _write_record(Path(o.results_dir), setup.run_dir, record, arrays)
     return record
 
 

@@ -269,23 +269,23 @@ def _finalize(setup: Setup, doc: dict[str, Any], split: int | None = None) -> Ru
     arrays = pe.to_bytes()
     record = dataclasses.replace(record, integrity=integrity.seal(arrays, setup.config, doc["invocation"]))
     record.validate()
-    _write_record(setup, record, arrays)
+    _write_record(setup.results_dir, setup.run_dir, record, arrays)
     return record
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
-def _write_record(setup: Setup, record: RunRecord, arrays: bytes) -> None:
+def _write_record(results_dir: Path, run_dir: Path, record: RunRecord, arrays: bytes) -> None:
     """Arrays first, so the JSON never points at a missing file; a failure of either leaves neither (a JSON
     already there from an earlier finalisation of this run keeps its arrays). A full, over-quota or read-only
-    disk is the user's to fix: the run state stays, and re-running writes the record."""
-    json_path = setup.results_dir / record.relative_path()
+    disk is the user's to fix: the run state stays, and re-running writes the record. (Corruptions runs too.)"""
+    json_path = results_dir / record.relative_path()
     npz_path = per_example_path(json_path)
     remove_stale_temp_files(json_path.parent)
     try:
         atomic_write_bytes(npz_path, arrays)   # the sealed bytes (integrity)
-        record.write(setup.results_dir)
+        record.write(results_dir)
     except OSError as exc:
         if not json_path.exists():
             npz_path.unlink(missing_ok=True)
@@ -293,7 +293,7 @@ def _write_record(setup: Setup, record: RunRecord, arrays: bytes) -> None:
             raise
         raise ZooError(f"cannot write the record into {json_path.parent} ({exc.strerror or os.strerror(exc.errno)})",
                        hint=f"free space (or fix the folder) and re-run the same command: the finished run is kept "
-                            f"in {setup.run_dir} and resumes straight to writing the record, without attacking "
+                            f"in {run_dir} and resumes straight to writing the record, without attacking "
                             "again") from None
 
 
