@@ -41,7 +41,7 @@ from .prepare import (_absolute, _check_choice, _check_outputs, _check_writable,
 from .record import Accuracy, RunRecord
 from .runner import _write_record
 from .sharding import DistributedEnv, distributed_env, shard_bounds, unfinished_shards, wait_for_shards
-from .state import config_hash, read_config, start_run_folder
+from .state import config_hash, start_run_folder
 
 log = logging.getLogger("zoo.evaluate")
 THREAT = "corruptions"
@@ -362,23 +362,4 @@ def _finished(path: Path) -> bool:
         return False
 
 
-def merge(run_dir: str | Path, model: nn.Module | None = None, results_dir: str | Path | None = None,
-          device: str | None = None) -> RunRecord:
-    """Join the finished shards of a corruptions run folder and write the record."""
-    run_dir = Path(run_dir).expanduser()
-    doc = read_config(run_dir)
-    inv = doc["invocation"]
-    if inv["model_kind"] == "module" and model is None:
-        raise BadInputError(f"{run_dir} was started from Python with a custom module ({inv['model']})",
-                            hint="merge it from Python: zoo.evaluate.corruptions.merge(run_dir, model=the_module)")
-    options = RunOptions.from_invocation(inv, run_dir=run_dir, shard=(0, doc["config"]["shards"]), progress=False,
-                                         **({} if device is None else {"device": device}),
-                                         **({} if results_dir is None else {"results_dir": results_dir}))
-    setup = prepare(model if model is not None else inv["model"], options)
-    if setup.config_hash != doc["config_hash"]:
-        raise RunStateError(f"{run_dir} was made with a different configuration than can be rebuilt now",
-                            hint="merge with the same library versions, checkpoint and data as the run")
-    return _finalize(setup, doc)
-
-
-__all__ = ["run", "merge", "prepare", "read_per_example", "set_of"]
+__all__ = ["run", "prepare", "read_per_example", "set_of"]

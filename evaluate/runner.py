@@ -435,9 +435,6 @@ def merge(run_dir: str | Path, model: nn.Module | None = None, results_dir: str 
     """
     run_dir = Path(run_dir).expanduser()
     doc = read_config(run_dir)
-    if doc["config"].get("kind") == "corruptions":
-        from . import corruptions
-        return corruptions.merge(run_dir, model, results_dir, device)
     inv = doc["invocation"]
     if inv["model_kind"] == "module" and model is None:
         raise BadInputError(f"{run_dir} was started from Python with a custom module ({inv['model']})",
@@ -445,13 +442,18 @@ def merge(run_dir: str | Path, model: nn.Module | None = None, results_dir: str 
     options = RunOptions.from_invocation(inv, run_dir=run_dir, shard=(0, doc["config"].get("shards", 1)),
                                          progress=False, **({} if device is None else {"device": device}),
                                          **({} if results_dir is None else {"results_dir": results_dir}))
-    setup = prepare(model if model is not None else inv["model"], options, attacking=False)
+    target = model if model is not None else inv["model"]
+    if doc["config"].get("kind") == "corruptions":   # its own set-up and record; the same checks
+        from . import corruptions
+        setup, finalize = corruptions.prepare(target, options), corruptions._finalize
+    else:
+        setup, finalize = prepare(target, options, attacking=False), _finalize
     if setup.config_hash != doc["config_hash"]:
         diff = config_differences(doc["config"], setup.config)
         raise RunStateError(f"{run_dir} was made with a different configuration than can be rebuilt now "
                             f"(differs in: {', '.join(diff)})",
                             hint="merge with the same library versions, checkpoint and data as the run")
-    return _finalize(setup, doc)
+    return finalize(setup, doc)
 
 
 def invocation_of(run_dir: str | Path) -> dict[str, Any]:
