@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from bench.machine import load_average
-from tests.support.helpers import SHARED, SHARED_DATA, Normalize, shared_cifar, write_npz
+from tests.support.helpers import SHARED, SHARED_DATA, Normalize, per_example, shared_cifar, write_npz
 
 MODELS = SHARED / "models"
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -99,11 +99,6 @@ def margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     true = logits.gather(1, y[:, None])[:, 0]
     other = logits.scatter(1, y[:, None], float("-inf")).max(1).values
     return (true - other).numpy()
-
-
-def per_example(record, results_dir: Path):
-    from zoo.evaluate.record import PerExample, per_example_path
-    return PerExample.read(per_example_path(results_dir / record.relative_path()))
 
 
 def run_net(name: str, n: int, attacks: list[str], engine: str, threads: int, batch_size: int, work: Path) -> dict:

@@ -10,7 +10,6 @@ from tests.support import helpers as h
 from zoo.errors import BadInputError
 from zoo.evaluate import cpus, run
 from zoo.evaluate import runner as runner_mod
-from zoo.evaluate.record import PerExample, per_example_path
 
 FLIP = 2                  # position of the image whose prediction bf16 flips
 EPS = 0.01
@@ -60,7 +59,7 @@ def _kw(tmp_path, data, name, **extra):
 
 
 def _pe(tmp_path, name, record):
-    return PerExample.read(per_example_path(tmp_path / f"results-{name}" / record.relative_path()))
+    return h.per_example(record, tmp_path / f"results-{name}")
 
 
 @pytest.mark.parametrize("engine", ["reference", "native"])

@@ -11,7 +11,7 @@ import pytest
 
 from tests.support import helpers as h
 from zoo.evaluate import run
-from zoo.evaluate.record import PerExample, RunRecord, per_example_path
+from zoo.evaluate.record import RunRecord
 
 ATTACKS = "apgd-ce,apgd-t"
 FACTORY = "tests.support.helpers:TinyCNN"
@@ -41,18 +41,14 @@ def single(tiny):
               run_dir=str(folder / "run-single"), model_label="tiny", progress=False, threads=1)
     assert run(model, **kw, shard=(0, 2)) is None
     record = run(model, **kw, shard=(1, 2))
-    return record, _per_example(record, folder / "results-single")
-
-
-def _per_example(record, results_dir):
-    return PerExample.read(per_example_path(results_dir / record.relative_path()))
+    return record, h.per_example(record, folder / "results-single")
 
 
 def _only_record(results_dir):
     found = list(results_dir.rglob("*.json"))
     assert len(found) == 1, found
     record = RunRecord.read(found[0])
-    return record, _per_example(record, results_dir)
+    return record, h.per_example(record, results_dir)
 
 
 def _same_result(got, single):

@@ -8,7 +8,6 @@ import pytest
 from tests.support import helpers as h
 from zoo.errors import BadInputError
 from zoo.evaluate import cli, merge, run
-from zoo.evaluate.record import PerExample, per_example_path
 from zoo.evaluate.sharding import parse_shard, shard_bounds, shard_path, unfinished_shards
 from zoo.evaluate.state import ShardState
 
@@ -73,10 +72,6 @@ def one_process(tiny, tmp_path_factory):
     return folder, record
 
 
-def _per_example(record, results_dir):
-    return PerExample.read(per_example_path(results_dir / record.relative_path()))
-
-
 def test_two_torchrun_processes_merge_to_the_one_process_result(tmp_path, tiny, one_process):
     """torchrun --standalone --nproc-per-node 2 on CPU: each rank one shard, rank 0 waits and merges."""
     model, model_path, data_file = tiny
@@ -100,7 +95,7 @@ def test_two_torchrun_processes_merge_to_the_one_process_result(tmp_path, tiny, 
     assert dist.config_hash == single.config_hash
     assert (dist.clean, dist.robust, [s.robust for s in dist.stages]) == \
         (single.clean, single.robust, [s.robust for s in single.stages])
-    a, b = _per_example(dist, tmp_path / "results-dist"), _per_example(single, folder / "results-one")
+    a, b = h.per_example(dist, tmp_path / "results-dist"), h.per_example(single, folder / "results-one")
     for key in ("clean_correct", "robust", "broken_by", "adv_positions", "x_adv"):
         assert np.array_equal(getattr(a, key), getattr(b, key)), key
     assert (a.broken_by >= 0).any()

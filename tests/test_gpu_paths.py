@@ -17,7 +17,6 @@ from zoo.evaluate.attacks.native.engine import NativeEngine
 from zoo.evaluate.attacks.reference import ReferenceEngine
 from zoo.evaluate.options import RunOptions
 from zoo.evaluate.prepare import prepare
-from zoo.evaluate.record import PerExample, per_example_path
 from zoo.evaluate.sharding import wait_for_shards
 
 from tests.support import helpers as h
@@ -72,7 +71,7 @@ def _kw(tmp_path, data_file, name, **extra):
 
 
 def _per_example(tmp_path, name, record):
-    return PerExample.read(per_example_path(tmp_path / f"results-{name}" / record.relative_path()))
+    return h.per_example(record, tmp_path / f"results-{name}")
 
 
 # ---------------------------------------------------------------- devices and the probe

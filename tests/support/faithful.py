@@ -7,7 +7,6 @@ import numpy as np
 
 from tests.support import helpers as h
 from zoo.evaluate import run
-from zoo.evaluate.record import PerExample, per_example_path
 
 TINY_ATTACKS = ("apgd-ce", "apgd-t")
 MERGED_X_ADV_TOLERANCE = 1e-3   # measured 5.8e-4 (7 of 32 points) on the tiny case; eps is 8e-3
@@ -17,8 +16,7 @@ def run_and_read(model, data_file, tmp_path, name="r", **kwargs):
     kwargs.setdefault("device", "cpu")
     record = run(model, data=data_file, results_dir=tmp_path / f"results-{name}", run_dir=tmp_path / f"run-{name}",
                  model_label="tiny", progress=False, **kwargs)
-    per_example = PerExample.read(per_example_path(tmp_path / f"results-{name}" / record.relative_path()))
-    return record, per_example
+    return record, h.per_example(record, tmp_path / f"results-{name}")
 
 
 def assert_same_as_reference(record, per_example, ref, x, x_adv_tolerance=0.0):

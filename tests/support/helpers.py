@@ -104,6 +104,13 @@ def write_npz(path: Path, x: torch.Tensor, y: torch.Tensor) -> Path:
     return path
 
 
+def per_example(record, results_dir: Path):
+    """The per-example arrays (PerExample) of ``record`` written under ``results_dir``."""
+    from zoo.evaluate.record import PerExample, per_example_path
+
+    return PerExample.read(per_example_path(Path(results_dir) / record.relative_path()))
+
+
 def tiny_cnn_files(folder: Path, n: int, seed: int) -> tuple[TinyCNN, Path, Path]:
     """The trained tiny CNN, its weights saved as ``folder/tiny.pt`` (for --checkpoint) and n synthetic images
     as ``folder/d.npz`` (for --data): the set-up of the tests that run zoo-eval from files."""
