@@ -97,17 +97,20 @@ def ball_problems(x_adv: np.ndarray, positions: np.ndarray, x_clean: np.ndarray,
 # ---------------------------------------------------------------- the reader's check
 
 
-def check_record(path: str | Path, raw: dict[str, Any], record: RunRecord, *, eps_ball: bool = True) -> list[str]:
+def check_record(path: str | Path, raw: dict[str, Any], record: RunRecord, *,
+                 eps_ball: bool = True) -> tuple[list[str], PerExample | None]:
     """Check a record read from ``path`` (``raw``: its JSON) against itself and its ``.npz``.
 
-    Returns notes (a legacy record's "not checked"); raises RecordError naming ``path`` and every mismatch
-    found (the ``.npz``'s own problems name the ``.npz``)."""
+    Returns notes (a legacy record's "not checked") and the per-example arrays it read and checked (None for
+    legacy and corruptions records), so that a caller needing them reads the ``.npz`` once. Raises
+    RecordError naming ``path`` and every mismatch found (the ``.npz``'s own problems name the ``.npz``).
+    ``eps_ball=False`` leaves the eps-ball check to a caller that has the clean images (``zoo-eval verify``)."""
     origin = str(path)
     problems = _self_problems(raw, record)
     if problems:
         raise RecordError(f"{origin}: record fails its integrity check: " + "; ".join(problems))
     if record.integrity is None:
-        return [f"{origin}: {LEGACY_NOTE}"]
+        return [f"{origin}: {LEGACY_NOTE}"], None
     seal_ = record.integrity
     config = seal_.get("config")
     if not isinstance(config, dict) or not isinstance(seal_.get("per_example_sha256"), str):
@@ -130,7 +133,7 @@ def check_record(path: str | Path, raw: dict[str, Any], record: RunRecord, *, ep
         problems = _corruptions_arrays_problems(record, load_arrays(data, str(npz_path)))
         if problems:
             raise RecordError(f"{origin}: record and {npz_path.name} disagree: " + "; ".join(problems))
-        return []
+        return [], None
     from .record import PerExample
     per_example = PerExample.from_bytes(data, str(npz_path))
     problems = _per_example_problems(record, per_example)
@@ -143,7 +146,7 @@ def check_record(path: str | Path, raw: dict[str, Any], record: RunRecord, *, ep
                                      record.eps_value)
             if problems:
                 raise RecordError(f"{origin}: {npz_path.name} fails the eps-ball check: " + "; ".join(problems))
-    return []
+    return [], per_example
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -253,12 +253,40 @@ class RunRecord:
     @classmethod
     def read_checked(cls, path: str | Path) -> tuple["RunRecord", list[str]]:
         """``read``, returning the integrity notes instead of logging them (the reports list them)."""
+        record, notes, _arrays = cls._read(path)
+        return record, notes
+
+    @classmethod
+    def read_with_arrays(cls, path: str | Path, *, eps_ball: bool = True) -> tuple["RunRecord", "PerExample"]:
+        """An AutoAttack record and its per-example arrays, the ``.npz`` read and checked once (``read``
+        then ``PerExample.read`` would check it twice). ``eps_ball``: see ``integrity.check_record``."""
+        path = Path(path)
+        record, notes, arrays = cls._read(path, eps_ball=eps_ball)
+        for note in notes:
+            log.warning("%s", note)
+        if record.kind != "autoattack":
+            raise BadInputError(f"{path} is a {record.kind} run: it has no adversarial examples",
+                                hint="zoo-report plot corruptions RECORD draws its accuracy per corruption and "
+                                "severity")
+        if arrays is None:   # a record older than the seal: its arrays are checked on their own
+            npz = path.parent / (record.per_example_file or per_example_path(path).name)
+            if not npz.is_file():
+                raise RecordError(f"{path}: its per-example arrays {npz} are missing",
+                                  hint="keep <run-id>.npz beside <run-id>.json (zoo-eval writes both)")
+            arrays = PerExample.read(npz)
+            if arrays.indices.tolist() != list(record.indices):
+                raise RecordError(f"{npz} belongs to another run: its example indices differ from {path}'s")
+        return record, arrays
+
+    @classmethod
+    def _read(cls, path: str | Path, **check: bool) -> tuple["RunRecord", list[str], "PerExample | None"]:
         from . import integrity
 
         path = Path(path)
         data = integrity.read_json(path)
         record = cls.from_dict(data, origin=str(path))
-        return record, integrity.check_record(path, data, record)
+        notes, arrays = integrity.check_record(path, data, record, **check)
+        return record, notes, arrays
 
     def relative_path(self) -> Path:
         """Where this record lives under a results root."""

@@ -24,7 +24,7 @@ from zoo.errors import BadInputError, RecordError
 from .integrity import LEGACY_NOTE, ball_problems
 from .options import RunOptions
 from .prepare import prepare
-from .record import PerExample, RunRecord
+from .record import RunRecord
 from .state import config_differences
 from .verify import disagreements
 
@@ -50,7 +50,9 @@ def verify_record(path: str | Path, model: nn.Module | None = None,
                   device: str | torch.device | None = None) -> Verified:
     """Re-check a record with its model; RecordError naming the record and the mismatch when it fails."""
     path = Path(path)
-    record = RunRecord.read(path)   # the integrity check first: record vs itself and its .npz
+    # the integrity check first, record vs itself and its .npz; the eps ball is checked below, on the
+    # clean images rebuilt from the invocation
+    record, pe = RunRecord.read_with_arrays(path, eps_ball=False)
     if record.integrity is None:
         raise RecordError(f"{path}: {LEGACY_NOTE}, so the run cannot be rebuilt to verify it",
                           hint="re-run the evaluation with this version of zoo-eval")
@@ -75,7 +77,6 @@ def verify_record(path: str | Path, model: nn.Module | None = None,
         raise RecordError(f"{path}: the model and data rebuilt now are not the ones the run used (differs in: "
                           f"{', '.join(diff) or 'the configuration hash'})",
                           hint="verify with the same checkpoint, data and library versions as the run")
-    pe = PerExample.read(path.parent / str(record.per_example_file))
     x_clean = setup.data.x
     problems = ball_problems(pe.x_adv, pe.adv_positions, x_clean.numpy(), setup.norm, setup.eps)
     x_adv = x_clean.clone()

@@ -18,6 +18,7 @@ import pytest
 
 from tests.support import helpers as h
 from zoo.evaluate import cli as eval_cli
+from zoo.evaluate import integrity
 from zoo.evaluate.integrity import LEGACY_NOTE
 from zoo.evaluate.record import PerExample, RunRecord
 from zoo.evaluate.report.cli import main as report_main
@@ -224,11 +225,16 @@ def _report(argv, capsys) -> tuple[int, str, str]:
 # ---------------------------------------------------------------- the untouched record passes
 
 
-def test_untouched_record_passes_every_reader(copy, capsys):
+def test_untouched_record_passes_every_reader(copy, capsys, monkeypatch):
     j, z = copy
     record, notes = RunRecord.read_checked(j)
     assert notes == [] and record.integrity["per_example_sha256"]
     assert PerExample.read(z).config_hash == record.config_hash
+    unpacked = []   # read_with_arrays (gallery, verify) unpacks the .npz once, not once per check
+    monkeypatch.setattr(integrity, "load_arrays", lambda *a, _load=integrity.load_arrays: unpacked.append(1)
+                        or _load(*a))
+    both, arrays = RunRecord.read_with_arrays(j)
+    assert both == record and arrays.config_hash == record.config_hash and len(unpacked) == 1
     code, out, err = _report(["leaderboard", "--results", str(j.parents[3]), "--dataset", "custom",
                               "--version", "custom"], capsys)
     assert code == 0 and "tiny" in out and "warning" not in err, err
@@ -256,6 +262,8 @@ def test_edit_is_refused_by_every_reader(edit, copy, runs, capsys):
     with pytest.raises(RecordError, match=mismatch) as info:
         PerExample.read(z)
     assert str(z) in str(info.value)
+    with pytest.raises(RecordError, match=mismatch):
+        RunRecord.read_with_arrays(j)
 
     # leaderboard and paper: the record is named on stderr and left out; the untouched run is ranked
     code, out, err = _report(["leaderboard", "--results", str(results), "--dataset", "custom",
@@ -289,6 +297,11 @@ def test_record_without_integrity_fields_is_read_with_a_note(copy, capsys):
     record, notes = RunRecord.read_checked(j)
     assert record.integrity is None and notes == [f"{j}: {LEGACY_NOTE}"]
     PerExample.read(z)
+    assert RunRecord.read_with_arrays(j)[1].indices.tolist() == list(record.indices)
+    a["indices"] = a["indices"][::-1].copy()   # the arrays of another run, beside an unsealed record
+    _save_arrays(z, a)
+    with pytest.raises(RecordError, match="belongs to another run"):
+        RunRecord.read_with_arrays(j)
     code, out, err = _report(["leaderboard", "--results", str(j.parents[3]), "--dataset", "custom",
                               "--version", "custom"], capsys)
     assert code == 0 and "tiny" in out and f"{j}: {LEGACY_NOTE}" in err

@@ -101,7 +101,7 @@ def test_missing_arrays_and_nothing_fooled(tmp_path, capsys):
     assert "no attack fooled any example" in capsys.readouterr().err
     per_example_path(path).unlink()
     assert main(["gallery", str(path)]) == 2
-    assert "gallery-run.npz not found" in capsys.readouterr().err
+    assert "gallery-run.npz are missing" in capsys.readouterr().err
 
 
 def test_gallery_does_not_import_torch_for_a_file_source(tmp_path):

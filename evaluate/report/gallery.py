@@ -25,7 +25,7 @@ from zoo.domain import CLASS_NAMES, DATASET_TABLE
 from zoo.errors import BadInputError
 from zoo.fileio import sha256_file
 
-from ..record import PerExample, RunRecord, per_example_path
+from ..record import RunRecord
 from .leaderboard import DATASET_LABEL
 
 DEFAULT_COUNT = 8
@@ -65,17 +65,7 @@ class Gallery:
 def build_gallery(record_path: str | Path, count: int = DEFAULT_COUNT) -> Gallery:
     if count < 1:
         raise BadInputError(f"-n must be at least 1, got {count}")
-    record = RunRecord.read(record_path)
-    if record.kind != "autoattack":
-        raise BadInputError(f"{record_path} is a {record.kind} run: it has no adversarial examples",
-                            hint="zoo-report plot corruptions RECORD draws its accuracy per corruption and severity")
-    arrays_path = per_example_path(record_path)
-    if not arrays_path.is_file():
-        raise BadInputError(f"{arrays_path} not found: the gallery needs the per-example arrays saved next to the "
-                            "record", hint="keep <run-id>.npz beside <run-id>.json (zoo-eval writes both)")
-    per = PerExample.read(arrays_path)
-    if per.indices.tolist() != list(record.indices):
-        raise BadInputError(f"{arrays_path} belongs to another run: its example indices differ from {record_path}'s")
+    record, per = RunRecord.read_with_arrays(record_path)
     if not len(per.adv_positions):
         raise BadInputError(f"run {record.run_id}: no attack fooled any example, so there is nothing to draw")
     positions = per.adv_positions[:count]
@@ -92,7 +82,7 @@ def build_gallery(record_path: str | Path, count: int = DEFAULT_COUNT) -> Galler
                 for i, p in enumerate(positions)]
     for example in examples:
         if example.adv.shape != example.clean.shape:
-            raise BadInputError(f"adversarial images in {arrays_path} have shape {example.adv.shape}, the data "
+            raise BadInputError(f"adversarial images of {record_path} have shape {example.adv.shape}, the data "
                                 f"source's images {example.clean.shape}: not the evaluated data")
     return Gallery(record=record, examples=examples, classes=classes, fooled_total=len(per.adv_positions))
 
