@@ -68,6 +68,12 @@ class Engine:
         return None
 
 
+def zero_gradient_points(grad: torch.Tensor) -> torch.Tensor:
+    """How many points of ``grad`` (examples first) have a gradient of exactly zero, as a 0-d tensor left on
+    its device; pyautoattack's ``checks.check_zero_gradients`` counts the same."""
+    return (grad.reshape(grad.shape[0], -1).abs().sum(-1) == 0).sum()
+
+
 class AttackView(nn.Module):
     """The model as the attacks see it: counts images forwarded / backpropagated, optionally bf16 autocast.
 

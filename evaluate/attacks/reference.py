@@ -10,7 +10,7 @@ import torch
 from pyautoattack import autopgd_base
 from torch import nn
 
-from .engine import KNOWN_ATTACKS, Engine
+from .engine import KNOWN_ATTACKS, Engine, zero_gradient_points
 
 
 class ReferenceEngine(Engine):
@@ -34,7 +34,7 @@ class ReferenceEngine(Engine):
         original = autopgd_base.check_zero_gradients
 
         def counting(grad, logger=None):
-            self.zero_gradient_points += int((grad.reshape(grad.shape[0], -1).abs().sum(-1) == 0).sum())
+            self.zero_gradient_points += int(zero_gradient_points(grad))
             return original(grad, logger=logger)
 
         autopgd_base.check_zero_gradients = counting

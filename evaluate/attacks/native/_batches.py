@@ -13,6 +13,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..engine import zero_gradient_points
+
 
 # ---------------------------------------------------------------- the model as the attacks call it
 
@@ -52,8 +54,8 @@ class ModelCalls:
         self._zero_gradients: list[Tensor] = []   # per APGD run, kept on the device until asked for
 
     def note_zero_gradients(self, grad: Tensor) -> None:
-        """Count the points whose gradient is exactly zero (pyautoattack's check_zero_gradients)."""
-        self._zero_gradients.append((grad.reshape(grad.shape[0], -1).abs().sum(-1) == 0).sum())
+        """Count the points whose gradient is exactly zero (kept on the device: no sync per APGD run)."""
+        self._zero_gradients.append(zero_gradient_points(grad))
 
     def zero_gradient_points(self) -> int:
         return int(sum(int(c) for c in self._zero_gradients))
