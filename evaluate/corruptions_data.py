@@ -12,7 +12,6 @@ Pure numpy and urllib: no torch here.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import http.client
 import logging
 import os
@@ -29,7 +28,7 @@ import numpy as np
 
 from zoo import constants
 from zoo.errors import DataError, DownloadError, OfflineError
-from zoo.fileio import atomic_output
+from zoo.fileio import atomic_output, file_hexdigest
 
 log = logging.getLogger("zoo.evaluate")
 
@@ -157,7 +156,7 @@ def download_archive(archive: Archive, base: Path, *, progress: bool = False) ->
                            hint=f"copy the unpacked {archive.folder} folder there, or pass --data-root with it")
     part = base / f"{archive.filename}.part"
     _download_resumable(url, part, progress)
-    digest = _md5(part)
+    digest = file_hexdigest(part, "md5")
     if digest != archive.md5:
         part.unlink(missing_ok=True)
         raise DownloadError(f"{archive.filename} from {url}: md5 {digest}, expected {archive.md5} (deleted)",
@@ -205,14 +204,6 @@ def _download_resumable(url: str, part: Path, progress: bool) -> None:
             if total is not None and fh.tell() < have * bool(resumed) + int(total):
                 raise DownloadError(f"the download of {url} ended early ({fh.tell()} bytes kept in {part})",
                                     hint="run the same command again to resume")
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _unpack(tar_path: Path, archive: Archive, base: Path) -> None:

@@ -40,6 +40,7 @@ import numpy as np
 
 from zoo.domain import parse_eps
 from zoo.errors import BadInputError, RecordError
+from zoo.fileio import file_hexdigest
 
 from .state import config_hash
 
@@ -395,7 +396,7 @@ def _verified_images(source: str, path_text: str, dataset: str, spec: tuple[str,
         test_file = path / name
         if not test_file.is_file():
             return None, f"{test_file} is missing"
-        if hashlib.md5(test_file.read_bytes()).hexdigest() != md5:
+        if file_hexdigest(test_file, "md5") != md5:
             return None, f"{test_file} is not the published {dataset} test file (md5 differs)"
         import pickle   # the published file (md5 above), which torchvision unpickles the same way
 

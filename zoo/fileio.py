@@ -64,12 +64,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def file_hexdigest(path: str | Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+    """The hex digest of a file read in chunks (checkpoints and archives run to gigabytes); ``algorithm`` is
+    a hashlib name: sha256 for what we pin, md5 where a publisher gives only that (CIFAR, Zenodo)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    return file_hexdigest(path, "sha256")
 
 
 # ---------------------------------------------------------------- orphaned temp files
