@@ -34,12 +34,11 @@ from . import integrity, runlock
 from .progress import StageProgress
 from .corruptions_data import CORRUPTIONS, SEVERITIES, CorruptionSets, locate
 from .options import RunOptions, hashed_values
-from .precision import strict_fp32
 from .prepare import (_absolute, _check_choice, _check_outputs, _check_writable, _load_model, _positive_int,
                       _prepare_model, _registry_variant, _resolve_device, _resolve_shard, check_label,
                       library_versions)
 from .record import Accuracy, RunRecord
-from .runner import _write_record
+from .runner import _write_record, fp32_predictions
 from .sharding import DistributedEnv, distributed_env, shard_bounds, unfinished_shards, wait_for_shards
 from .state import config_hash, start_run_folder
 
@@ -212,11 +211,9 @@ def set_of(flat: int) -> tuple[str, int]:
 
 
 def _predict(setup: CorruptionsSetup, x: torch.Tensor) -> np.ndarray:
-    B = setup.opts.batch_size
-    out = []
-    with torch.no_grad(), strict_fp32(setup.device):
-        for start in range(0, len(x), B):
-            out.append(setup.model(x[start:start + B].to(setup.device)).argmax(dim=1).cpu())
+    B, dev = setup.opts.batch_size, setup.device
+    with torch.no_grad():
+        out = [fp32_predictions(setup.model, x[start:start + B].to(dev), dev).cpu() for start in range(0, len(x), B)]
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
 

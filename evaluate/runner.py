@@ -58,7 +58,9 @@ class Live:
 # ---------------------------------------------------------------- the loop
 
 
-def _predict(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def fp32_predictions(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The classes the model predicts for one device batch, in strict fp32 (every recorded flag comes from
+    these, whatever precision the attacks ran in)."""
     with strict_fp32(device):
         return model(x).argmax(dim=1)
 
@@ -89,7 +91,7 @@ def _run_shard(setup: Setup, live: Live, state: ShardState, path: Path) -> None:
             t0 = time.perf_counter()
             pred = torch.empty(n, dtype=torch.int64)
             for start in range(0, n, B):
-                pred[start:start + B] = _predict(setup.model, x_all[start:start + B].to(dev), dev).cpu()
+                pred[start:start + B] = fp32_predictions(setup.model, x_all[start:start + B].to(dev), dev).cpu()
             state.clean_pred = pred.numpy()
             state.clean_correct = (pred == y_all).numpy()
             state.robust = state.clean_correct.copy()
@@ -215,7 +217,7 @@ def _record_batch(setup: Setup, state: ShardState, stage: int, pos: np.ndarray, 
     from the label)."""
     dev = setup.device
     if pred is None:
-        pred = _predict(setup.model, adv, dev)
+        pred = fp32_predictions(setup.model, adv, dev)
     fooled = (pred != y).cpu().numpy()
     hit = pos[fooled]
     if len(hit):
