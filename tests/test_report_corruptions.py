@@ -103,12 +103,15 @@ def test_cross_threat_rows_are_marked_and_never_ranked(tmp_path):
     assert [e.model_id for e in board.entries] == ["score-wrn-70-16", "score-wrn-28-10"]   # higher, yet last
     frame = board.to_frame()
     assert frame["rank"].iloc[0] == 1 and frame["rank"].isna().iloc[1]
-    assert frame["model_id"].iloc[1].endswith("‡")
+    assert frame["model_id"].iloc[1].endswith("§") and "‡" not in frame["model_id"].iloc[1]
     assert any("trained for Linf" in n for n in board.notes)
     md = leaderboard.to_markdown(board)
     last_row = [line for line in md.splitlines() if "score-wrn-28-10" in line][0]
-    assert last_row.split("|")[1].strip() == "-" and "‡" in last_row
-    assert leaderboard.to_html(board) and leaderboard.to_latex(board) and leaderboard.to_csv(board)
+    assert last_row.split("|")[1].strip() == "-" and "§" in last_row and "‡" not in last_row
+    assert any(n.startswith("§ trained for another threat") for n in board.notes)
+    assert leaderboard.to_html(board) and leaderboard.to_csv(board)
+    tex = leaderboard.to_latex(board)
+    assert "score-wrn-28-10 \\S{}" in tex and "§" not in tex   # typeset by plain LaTeX, mark and footnote
     with pytest.raises(BadInputError, match="trained for linf"):
         model_info.model_info(cross)
 

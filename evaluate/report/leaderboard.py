@@ -273,8 +273,8 @@ def build_leaderboard(dataset: str, threat: str, eps: float | None = None, resul
     cross = [e for e in entries if e.trained_threat]
     if cross:
         shown = ROBUSTBENCH_THREAT.get(threat, threat)
-        notes.append(f"‡ trained for another threat, evaluated under {shown}: listed below the ranking, not ranked "
-                     "among models trained for it (" + ", ".join(
+        notes.append(f"{CROSS_THREAT_MARK.strip()} trained for another threat, evaluated under {shown}: listed "
+                     "below the ranking, not ranked among models trained for it (" + ", ".join(
                          f"{e.model_id}: trained for {ROBUSTBENCH_THREAT.get(e.trained_threat, e.trained_threat)}"
                          for e in cross) + ").")
     if counted_rounded:
@@ -321,12 +321,13 @@ FRAME_COLUMNS = ("rank", "model_id", "paper", "link", "clean_acc", "robust_acc",
 INTERVAL_COLUMNS = ("robust_ci_low", "robust_ci_high")
 CSV_COLUMNS = tuple(c for c in FRAME_COLUMNS[:-3] if c not in INTERVAL_COLUMNS)   # + INTERVAL_COLUMNS on request
 UNRELIABLE_MARK = " ‡"
+CROSS_THREAT_MARK = " §"   # its own sign: a cross-threat row may also be unreliable
 
 
 def _frame(board: Leaderboard) -> pd.DataFrame:
     ranked = [e for e in board.entries if not e.trained_threat]
     ranks = list(range(1, len(ranked) + 1)) + [None] * (len(board.entries) - len(ranked))   # cross-threat: none
-    rows = [(rank, e.model_id + (" ‡" if e.trained_threat else ""), e.paper, e.link, e.clean, e.robust,
+    rows = [(rank, e.model_id + (CROSS_THREAT_MARK if e.trained_threat else ""), e.paper, e.link, e.clean, e.robust,
              *(e.robust_interval if e.robust_interval else (None, None)), e.additional_data, e.architecture,
              e.venue, e.n_ex, e.source, board.dataset, board.threat, board.eps, e.ours, e.score, e.unreliable)
             for rank, e in zip(ranks, board.entries)]

@@ -21,7 +21,8 @@ import pandas as pd
 _COLALIGN = {"l": "left", "c": "center", "r": "right"}
 
 #: Characters pandas' LaTeX escaping leaves alone but a plain LaTeX document cannot typeset as they are.
-_LATEX_UNICODE = {"†": r"$^\dagger$", "—": "---", "−": "$-$", "Δ": r"$\Delta$"}
+_LATEX_UNICODE = {"†": r"$^\dagger$", "‡": r"$^\ddagger$", "§": r"\S{}", "—": "---", "−": "$-$",
+                  "Δ": r"$\Delta$"}
 
 #: The characters pandas' ``escape="latex"`` escapes in table cells, for the text outside the Styler (caption
 #: comment, notes); the braced spellings cannot swallow a following space.
