@@ -140,12 +140,11 @@ def check_dynamic(facts: Sequence[dict[str, Any]]) -> Check:
     return Check("dynamic", OK, "eval mode throughout, no buffer changes, no gradients inside forward()", details)
 
 
-def check_classes(num_outputs: int, dataset_classes: int | None, attacks: Sequence[str], apgd_targets: int,
-                  fab_targets: int) -> Check:
-    details = {"num_outputs": num_outputs, "dataset_classes": dataset_classes}
+def check_classes(num_outputs: int, attacks: Sequence[str], apgd_targets: int, fab_targets: int) -> Check:
+    """Enough classes for the DLR losses and the target counts (a model whose outputs are not the data set's
+    classes never gets here: prepare refuses it)."""
+    details = {"num_outputs": num_outputs}
     problems = []
-    if dataset_classes is not None and num_outputs != dataset_classes:
-        problems.append(f"{num_outputs} outputs for a data set of {dataset_classes} classes")
     if ("apgd-dlr" in attacks or "apgd-t" in attacks) and num_outputs <= 2:
         problems.append(f"{num_outputs} classes are too few for the DLR loss")
     elif "apgd-t" in attacks and num_outputs == 3:
@@ -209,11 +208,11 @@ def check_ties(ties: Sequence[dict[str, Any]]) -> Check:
 # ---------------------------------------------------------------- the record's section
 
 
-def preflight_checks(facts: Sequence[dict[str, Any]], *, version: str, dataset_classes: int | None,
-                     attacks: Sequence[str], apgd_targets: int, fab_targets: int) -> list[Check]:
+def preflight_checks(facts: Sequence[dict[str, Any]], *, version: str, attacks: Sequence[str], apgd_targets: int,
+                     fab_targets: int) -> list[Check]:
     num_outputs = facts[0]["num_outputs"]
     return [check_randomized(facts, version), check_probabilities(facts), check_dynamic(facts),
-            check_classes(num_outputs, dataset_classes, attacks, apgd_targets, fab_targets)]
+            check_classes(num_outputs, attacks, apgd_targets, fab_targets)]
 
 
 def section(checks: Sequence[Check]) -> dict[str, Any]:

@@ -167,8 +167,8 @@ def _add_zero_gradients(state: ShardState, stage: int, points: int | None) -> No
 def _preflight_checks(setup: Setup, facts: list[dict[str, Any]]) -> list[checks.Check]:
     if not facts:
         return []
-    return checks.preflight_checks(facts, version=setup.opts.version, dataset_classes=setup.data.num_classes,
-                                   attacks=setup.attacks, apgd_targets=facts[0].get("apgd_targets", 0),
+    return checks.preflight_checks(facts, version=setup.opts.version, attacks=setup.attacks,
+                                   apgd_targets=facts[0].get("apgd_targets", 0),
                                    fab_targets=facts[0].get("fab_targets", 0))
 
 

@@ -151,11 +151,11 @@ def test_autograd_inside_forward_is_dynamic():
 
 
 def test_class_count_check():
-    assert checks.check_classes(3, None, ["apgd-ce", "apgd-t"], 9, 9).fired
-    assert checks.check_classes(2, None, ["apgd-dlr"], 9, 9).fired
-    assert not checks.check_classes(3, None, ["apgd-dlr"], 9, 9).fired
-    assert checks.check_classes(5, None, ["apgd-t"], 9, 9).fired       # 9 targets, 4 possible
-    assert not checks.check_classes(10, 10, ["apgd-ce", "apgd-t", "fab-t", "square"], 9, 9).fired
+    assert checks.check_classes(3, ["apgd-ce", "apgd-t"], 9, 9).fired
+    assert checks.check_classes(2, ["apgd-dlr"], 9, 9).fired
+    assert not checks.check_classes(3, ["apgd-dlr"], 9, 9).fired
+    assert checks.check_classes(5, ["apgd-t"], 9, 9).fired       # 9 targets, 4 possible
+    assert not checks.check_classes(10, ["apgd-ce", "apgd-t", "fab-t", "square"], 9, 9).fired
 
 
 def test_cli_prints_warning_and_reliability_block(tmp_path, capsys, caplog):
