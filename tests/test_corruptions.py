@@ -9,14 +9,13 @@ import hashlib
 import io
 import json
 import tarfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 import torch
 
 from tests.support import helpers as h
+from tests.support.servers import LoopbackServer
 from zoo import constants
 from zoo.errors import DataError, DownloadError, OfflineError
 from zoo.evaluate import corruptions, corruptions_data as cd, runner
@@ -48,41 +47,26 @@ def make_tar(folder) -> bytes:
     return buffer.getvalue()
 
 
-class ZenodoStandIn:
-    """GET /<record>/files/<name> with Range support; ``mode``: ok | truncate (Content-Length promises more)."""
+class ZenodoStandIn(LoopbackServer):
+    """GET /<record>/files/<name> with Range support; ``mode``: ok | truncate (Content-Length promises more).
+    ``ranges``: the Range header of each request (None without one)."""
 
     def __init__(self, payload: bytes):
-        self.payload, self.mode, self.requests = payload, "ok", []
-        app = self
+        self.payload, self.mode, self.ranges = payload, "ok", []
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                app.requests.append((self.path, self.headers.get("Range")))
-                if not self.path.startswith("/2535967/files/CIFAR-10-C.tar"):
-                    self.send_error(404)
-                    return
-                start = 0
-                if self.headers.get("Range"):
-                    start = int(self.headers["Range"].split("=")[1].split("-")[0])
-                    if start >= len(app.payload):
-                        self.send_error(416)
-                        return
-                body = app.payload[start:]
-                self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if app.mode == "truncate" else body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def handle(self, req, method: str, body: bytes) -> None:
+        self.ranges.append(req.headers.get("Range"))
+        if method != "GET" or not req.path.startswith("/2535967/files/CIFAR-10-C.tar"):
+            return req.reply(404)
+        start = 0
+        if req.headers.get("Range"):
+            start = int(req.headers["Range"].split("=")[1].split("-")[0])
+            if start >= len(self.payload):
+                return req.reply(416)
+        body = self.payload[start:]
+        sent = body[: len(body) // 2] if self.mode == "truncate" else body
+        req.reply(206 if start else 200, sent, length=len(body))
 
 
 @pytest.fixture
@@ -156,7 +140,7 @@ def test_partial_download_resumes_with_a_range_request(standin, tmp_path):
     (base / "CIFAR-10-C.tar.part").write_bytes(standin["payload"][:5000])
     sets = cd.locate("cifar10", None, base)
     assert sets.per_severity == N
-    assert standin["server"].requests[-1][1] == "bytes=5000-"
+    assert standin["server"].ranges[-1] == "bytes=5000-"
 
 
 def test_checksum_mismatch_deletes_and_writes_nothing(standin, tmp_path, monkeypatch):
@@ -257,12 +241,6 @@ def test_options_that_do_not_apply_are_refused(standin):
         runner.run(h.train_tiny_cnn(), **run_kwargs(standin, eps="8/255", data_root=str(standin["folder"])))
     with pytest.raises(DataError, match="no common-corruptions"):
         cd.archive_for("custom")
-
-
-def test_cli_accepts_threat_corruptions(standin, tmp_path, capsys):
-    from zoo.evaluate import cli
-    args = cli._run_parser().parse_args(["--threat", "corruptions", "--data-root", "x"])
-    assert args.threat == "corruptions"
 
 
 @pytest.mark.skipif(not h.SHARED_DATA.exists() or not h.CNN_A_ADV.exists(), reason="needs ../shared")
