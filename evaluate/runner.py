@@ -129,6 +129,8 @@ def _run_shard(setup: Setup, live: Live, state: ShardState, path: Path) -> None:
                     state.forward_images[s] += f
                     state.backward_images[s] += b
                     _add_zero_gradients(state, s, engine.take_zero_gradients())
+                    if fp32_engine is not None:   # bf16: its fp32 second-chance APGD runs count too
+                        _add_zero_gradients(state, s, fp32_engine.take_zero_gradients())
                     state.batches_done += len(chunk)
                     state.save(path)
                     bar.end_chunk(sum(len(p) for p in chunk), int(state.robust.sum()), n)

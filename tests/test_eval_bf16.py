@@ -76,6 +76,27 @@ def test_an_image_bf16_misclassifies_is_still_attacked(tmp_path, native_bf16_cpu
     assert bf16.precision == "bf16" and bf16.extra["threads"] == 1
 
 
+class NoGradient(nn.Module):
+    """The flip model on the input's value with an exactly zero input gradient (x.detach() + 0 * x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = flip_model()
+
+    def forward(self, x):
+        return self.inner(x.detach() + 0 * x)
+
+
+@pytest.mark.parametrize("engine", ["reference", "native"])
+def test_zero_gradients_of_the_fp32_second_chance_are_counted(tmp_path, native_bf16_cpu, engine):
+    """bf16 skips the FLIP image and the fp32 second chance attacks it: both engines' APGD runs count."""
+    _, data = flip_data(tmp_path)
+    kw = dict(engine=engine, attacks=["apgd-dlr"], seed=0)
+    counts = {p: run(NoGradient().eval(), **_kw(tmp_path, data, p, precision=p, **kw))
+              .checks["results"]["zero_gradients"]["per_attack"]["apgd-dlr"] for p in ("fp32", "bf16")}
+    assert counts["fp32"] > 0 and counts["bf16"] == counts["fp32"], counts
+
+
 def test_without_the_fp32_second_chance_the_image_would_stay_robust(tmp_path, native_bf16_cpu, monkeypatch):
     """The bug the second chance fixes, shown: APGD returns the image unchanged as 'already adversarial'."""
     model, data = flip_data(tmp_path)
