@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from zoo import constants
 from zoo.errors import BadInputError, DataError, RecordError, RunStateError
 from zoo.fileio import atomic_write_bytes, remove_stale_temp_files
 
@@ -36,7 +35,7 @@ from .corruptions_data import CORRUPTIONS, SEVERITIES, CorruptionSets, locate
 from .options import RunOptions, hashed_values
 from .prepare import (_absolute, _check_choice, _check_outputs, _check_writable, _load_model, _positive_int,
                       _prepare_model, _registry_variant, _resolve_device, _resolve_shard, check_label,
-                      library_versions)
+                      checkpoint_identity, invocation_of, library_versions, run_folder)
 from .record import Accuracy, RunRecord
 from .runner import _write_record, fp32_predictions
 from .sharding import DistributedEnv, distributed_env, shard_bounds, unfinished_shards, wait_for_shards
@@ -118,17 +117,14 @@ def prepare(model_or_name: Any, options: RunOptions) -> CorruptionsSetup:
         batch_size=batch_size, device=devices.kind(dev), results_dir=_absolute(results_dir),
         checkpoint=_absolute(o.checkpoint), channels_last=False, chunk_batches=int(o.chunk_batches),
         progress=True if o.progress is None else bool(o.progress))
-    invocation = {"model": label if kind == "module" else model_or_name, "model_kind": kind,
-                  **resolved.invocation()}
+    invocation = invocation_of(model_or_name, label, kind, resolved)
     libs = library_versions()
-    config = {**hashed_values(resolved), "kind": THREAT, "model": label,
-              "checkpoint_sha256": ckpt.get("sha256") or ckpt["weights_sha256"],
-              "weights_sha256": ckpt["weights_sha256"], "module_sha256": ckpt["module_sha256"],
+    config = {**hashed_values(resolved), "kind": THREAT, "model": label, **checkpoint_identity(ckpt),
               "dataset": o.dataset, "clean_sha256": clean.content_sha256, "n": n,
               "corruptions_sha256": _sets_sha256(sets, n), "corruptions": list(CORRUPTIONS),
               "shards": shard[1], "torch": libs["torch"], "score_zoo": libs["score-zoo"]}
     digest = config_hash(config)
-    run_dir = Path(o.run_dir).expanduser() if o.run_dir is not None else constants.cache_dir() / "runs" / digest[:16]
+    run_dir = run_folder(o.run_dir, digest)
     return CorruptionsSetup(opts=resolved, model=model, label=label, model_kind=kind, checkpoint=ckpt, clean=clean,
                             sets=sets, n=n, device=dev, shard=shard, dist=dist, invocation=invocation,
                             config=config, config_hash=digest, run_dir=run_dir)

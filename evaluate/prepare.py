@@ -452,20 +452,36 @@ def prepare(model_or_name: Any, options: RunOptions, *, attacking: bool = True, 
         channels_last=channels_last, chunk_batches=int(o.chunk_batches),
         threads=cpus.resolve_threads(o.threads, shard, dist is not None),
         progress=True if o.progress is None else bool(o.progress))
-    invocation = {"model": label if kind == "module" else model_or_name, "model_kind": kind,
-                  **resolved.invocation()}
+    invocation = invocation_of(model_or_name, label, kind, resolved)
     config, digest = {}, ""
     if not planning:   # the hash needs the weights' and the data's own hashes
         config = configuration(resolved, label=label, checkpoint=ckpt, data=evaldata, norm=norm, eps=eps_value,
                                attacks=attack_list, shards=shard[1], engine_version=engine_cls.engine_version())
         digest = config_hash(config)
-    run_dir = Path(o.run_dir).expanduser() if o.run_dir is not None else \
-        None if planning else constants.cache_dir() / "runs" / digest[:16]
+    run_dir = None if planning and o.run_dir is None else run_folder(o.run_dir, digest)
     return Setup(opts=resolved, model=model, label=label, model_kind=kind, checkpoint=ckpt, data=evaldata,
                  num_classes=num_classes, norm=norm, eps=eps_value, attacks=attack_list,
                  engine_version=engine_cls.engine_version(), device=dev, shard=shard, dist=dist,
                  device_batch=device_batch, reported=reported, invocation=invocation, config=config,
                  config_hash=digest, run_dir=run_dir)
+
+
+def invocation_of(model_or_name: Any, label: str, kind: str, resolved: RunOptions) -> dict[str, Any]:
+    """What rebuilds the run (``zoo-eval verify``, merge): the model as named (an in-memory module by its
+    label) and the resolved options."""
+    return {"model": label if kind == "module" else model_or_name, "model_kind": kind, **resolved.invocation()}
+
+
+def checkpoint_identity(checkpoint: dict[str, Any]) -> dict[str, str]:
+    """The configuration's model identity: the checkpoint file's sha256 (the weights' own for an in-memory
+    module), the weights' and the module's."""
+    return {"checkpoint_sha256": checkpoint.get("sha256") or checkpoint["weights_sha256"],
+            "weights_sha256": checkpoint["weights_sha256"], "module_sha256": checkpoint["module_sha256"]}
+
+
+def run_folder(run_dir: str | Path | None, digest: str) -> Path:
+    """``--run-dir``, or the cache's folder of this configuration."""
+    return Path(run_dir).expanduser() if run_dir is not None else constants.cache_dir() / "runs" / digest[:16]
 
 
 def library_versions() -> dict[str, str]:
@@ -490,9 +506,8 @@ def configuration(resolved: RunOptions, *, label: str, checkpoint: dict[str, Any
     libs = library_versions()
     return {
         **hashed_values(resolved), "attacks": list(attacks), "norm": norm,
-        "model": label, "checkpoint_sha256": checkpoint.get("sha256") or checkpoint["weights_sha256"],
-        "weights_sha256": checkpoint["weights_sha256"], "module_sha256": checkpoint["module_sha256"],
-        "dataset": data.dataset, "data_sha256": data.content_sha256, "indices": list(data.indices), "eps": eps,
+        "model": label, **checkpoint_identity(checkpoint), "dataset": data.dataset,
+        "data_sha256": data.content_sha256, "indices": list(data.indices), "eps": eps,
         "shards": shards, "engine_version": engine_version,
         "torch": libs["torch"], "pyautoattack": libs["pyautoattack"], "score_zoo": libs["score-zoo"],
     }
