@@ -137,7 +137,7 @@ def _sets_sha256(sets: CorruptionSets, n: int) -> str:
     for corruption in CORRUPTIONS:
         for severity in SEVERITIES:
             digest.update(f"{corruption}/{severity}|".encode())
-            digest.update(sets.images(corruption, severity, 0, n).tobytes())
+            digest.update(np.ascontiguousarray(sets.mapped(corruption, severity, 0, n)))   # no copy: C order
     return digest.hexdigest()
 
 

@@ -80,10 +80,14 @@ class CorruptionSets:
     labels: np.ndarray   # (N,) int64: the labels of one severity block
 
     def images(self, corruption: str, severity: int, start: int, stop: int) -> np.ndarray:
-        """uint8 NHWC images start..stop-1 of one (corruption, severity) set."""
+        """uint8 NHWC images start..stop-1 of one (corruption, severity) set: a writable copy."""
+        return np.array(self.mapped(corruption, severity, start, stop))
+
+    def mapped(self, corruption: str, severity: int, start: int, stop: int) -> np.ndarray:
+        """The same images as a read-only view of the file (hashing reads them without a copy)."""
         data = np.load(self.folder / f"{corruption}.npy", mmap_mode="r")
         base = (severity - 1) * self.per_severity
-        return np.array(data[base + start: base + stop])   # a writable copy, not a view of the file
+        return data[base + start: base + stop]
 
 
 def check_layout(folder: str | Path, image_shape: tuple[int, int, int] = (32, 32, 3)) -> CorruptionSets:
