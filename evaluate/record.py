@@ -269,7 +269,7 @@ class RunRecord:
                                 hint="zoo-report plot corruptions RECORD draws its accuracy per corruption and "
                                 "severity")
         if arrays is None:   # a record older than the seal: its arrays are checked on their own
-            npz = path.parent / (record.per_example_file or per_example_path(path).name)
+            npz = per_example_path(path)   # <run-id>.npz beside it (an unsealed record's own name is unchecked)
             if not npz.is_file():
                 raise RecordError(f"{path}: its per-example arrays {npz} are missing",
                                   hint="keep <run-id>.npz beside <run-id>.json (zoo-eval writes both)")
