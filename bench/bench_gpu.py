@@ -75,6 +75,8 @@ class Log:
     """Prints and, when $OUT (or --log) is set, appends every line to a file at once (a killed run keeps it)."""
 
     def __init__(self, path: Path | None):
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)   # $OUT need not exist off the device
         self.file = open(path, "a", buffering=1) if path is not None else None
 
     def __call__(self, text: str = "") -> None:
