@@ -35,11 +35,12 @@ import torch
 
 import zoo.evaluate
 from bench.machine import cpu_model, load_average
+from tests.support.helpers import per_example
 from tests.support.native import CIFAR, CNN_A, cnn_a, margins, trained_cnn
 from zoo.domain import parse_eps
 from zoo.evaluate.data import load_file
 from zoo.evaluate.options import DEFAULT_BATCH_SIZE
-from zoo.evaluate.record import PerExample, per_example_path
+
 
 ROBUSTBENCH_BATCH_SIZE = 32   # robustbench.eval.benchmark(batch_size=32) in robustbench 1.1.1
 BASELINE_STAGES = {"apgd": "apgd-ce", "apgd_targeted": "apgd-t", "fab": "fab-t", "square": "square"}
@@ -95,7 +96,7 @@ def run_ours(model, data_path: Path, n: int, eps_text: str, batch_size: int | No
                               device="cpu", engine=engine, results_dir=tmp / "results", run_dir=tmp / f"run-{label}",
                               model_label=f"bench-{label}", progress=False, torch_compile=torch_compile)
     wall = time.perf_counter() - t0
-    pe = PerExample.read(per_example_path(tmp / "results" / record.relative_path()))
+    pe = per_example(record, tmp / "results")
     return {"label": label, "engine": record.engine, "batch_size": record.batch_size, "wall": wall,
             "clean": pe.clean_correct, "robust": pe.robust, "pe": pe,
             "stages": {s.attack: s.seconds for s in record.stages}}

@@ -31,10 +31,9 @@ def _zoo_eval(args: list[str], env: dict) -> subprocess.Popen:
 
 
 def _flags(results: Path) -> dict[str, np.ndarray]:
-    from zoo.evaluate.record import PerExample, RunRecord, per_example_path
+    from zoo.evaluate.record import RunRecord
     (record_file,) = list(results.rglob("*.json"))
-    record = RunRecord.read(record_file)
-    pe = PerExample.read(per_example_path(record_file))
+    record, pe = RunRecord.read_with_arrays(record_file)
     return {"robust": pe.robust, "broken_by": pe.broken_by, "x_adv": pe.x_adv, "threads": record.extra["threads"]}
 
 

@@ -209,7 +209,7 @@ def _attack_chunk(setup: Setup, engine, state: ShardState, attack: str, stage: i
     preds: list[torch.Tensor | None] = [None] * len(advs)
     if fp32_engine is not None:   # bf16: its fp32 check already predicted the batches it leaves unchanged
         advs, preds = fp32_second_chance(setup, state, fp32_engine, attack, stage, batches, advs)
-    for pos, (x, y), adv, pred in zip(chunk, batches, advs, preds):
+    for pos, (_, y), adv, pred in zip(chunk, batches, advs, preds):
         _record_batch(setup, state, stage, pos, y, adv, pred)
 
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from zoo.evaluate import cli, cpus, run
-from zoo.evaluate.record import PerExample, per_example_path
 
 from tests.support import helpers as h
 
@@ -36,7 +35,7 @@ def test_channels_last_runs_every_norm_with_the_contiguous_flags(tmp_path, threa
                      results_dir=tmp_path / f"results-{name}", run_dir=tmp_path / f"run-{name}", model_label="tiny",
                      progress=False)
         assert record.extra["channels_last"] is layout
-        pe = PerExample.read(per_example_path(tmp_path / f"results-{name}" / record.relative_path()))
+        pe = h.per_example(record, tmp_path / f"results-{name}")
         flags[layout] = (pe.robust, pe.broken_by)
     for a, b in zip(flags[False], flags[True]):
         assert np.array_equal(a, b)

@@ -11,7 +11,6 @@ from zoo.errors import ZooError
 from zoo.evaluate import run, runner
 from zoo.evaluate.attacks.reference import ReferenceEngine
 from zoo.evaluate.attacks.native.engine import NativeEngine
-from zoo.evaluate.record import PerExample, per_example_path
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -112,7 +111,7 @@ def test_native_out_of_memory_halves_the_device_batch_and_resumes(tmp_path, monk
     straight = run(h.train_tiny_cnn(), **_native_kwargs(tmp_path, data_file, "straight", batch_size=2,
                                                           chunk_batches=4))
     assert straight.config_hash == record.config_hash
-    pe, pe_straight = (PerExample.read(per_example_path(tmp_path / f"results-{name}" / r.relative_path()))
+    pe, pe_straight = (h.per_example(r, tmp_path / f"results-{name}")
                        for name, r in (("oom", record), ("straight", straight)))
     assert [s.robust for s in record.stages] == [s.robust for s in straight.stages]
     for key in ("clean_correct", "robust", "broken_by", "adv_pred", "adv_positions"):
@@ -160,7 +159,7 @@ def _gpu_run(tmp_path, synthetic_data_file, name, **kw):
     args.update(kw)
     model = h.train_tiny_cnn()
     record = run(model, **args)
-    pe = PerExample.read(per_example_path(tmp_path / f"results-{name}" / record.relative_path()))
+    pe = h.per_example(record, tmp_path / f"results-{name}")
     return model, record, pe
 
 

@@ -13,7 +13,6 @@ from zoo.errors import BadInputError
 from zoo.evaluate import cli, run
 from zoo.evaluate.attacks.engine import AttackView
 from zoo.evaluate.attacks.reference import ReferenceEngine
-from zoo.evaluate.record import PerExample, per_example_path
 from zoo.evaluate.state import ShardState
 
 ATTACKS = ["apgd-ce", "apgd-t"]
@@ -43,7 +42,7 @@ def _kwargs(tmp_path, data_file, name, **extra):
 
 
 def _outcome(record, results_dir):
-    pe = PerExample.read(per_example_path(results_dir / record.relative_path()))
+    pe = h.per_example(record, results_dir)
     return pe, [s.robust.correct for s in record.stages], record.clean.correct, record.robust.correct
 
 
@@ -94,7 +93,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path, tiny, strai
     resumed = run(model, **kw)
     assert resumed.config_hash == straight[0].config_hash   # chunking is not part of the configuration
     _assert_same(_outcome(resumed, tmp_path / "results-killed"), straight[1])
-    resumed_pe = PerExample.read(per_example_path(tmp_path / "results-killed" / resumed.relative_path()))
+    resumed_pe = h.per_example(resumed, tmp_path / "results-killed")
     assert (resumed_pe.broken_by == 1).any()
 
 
